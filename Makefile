@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+DEMO ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo demo-clean up down status bench clean
+
+install: $(STAMP)
+
+# torch first, from the CPU wheel, so that nothing pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+test: install
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/python -m cluster.demo --dir $(DEMO)
+
+up: install
+	$(BIN)/python -m cluster.local up
+
+down:
+	$(BIN)/python -m cluster.local down
+
+status:
+	$(BIN)/python -m cluster.local status
+
+bench: install
+	$(BIN)/python -m benchmarks.ingest
+	$(BIN)/python -m benchmarks.stream
+
+demo-clean: down
+	rm -rf $(DEMO)
+
+clean:
+	rm -rf $(VENV) .pytest_cache $(DEMO)

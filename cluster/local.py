@@ -1,0 +1,234 @@
+"""Local cluster: a Ray head (token auth, everything on 127.0.0.1) and an MLflow tracking server.
+
+    python -m cluster.local up [--num-cpus 8] [--mlflow-port 5000] [--dashboard-port 8265]
+    python -m cluster.local status
+    python -m cluster.local down
+
+State lives in ``.cluster/`` (addresses, pids, MLflow's sqlite database and artifacts). Ray's
+temp dir is private to this cluster, so ``down`` stops exactly the processes ``up`` started
+(those whose command line names that temp dir) and the MLflow server it launched; any other Ray
+on the machine is left alone.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def state_dir(base: str | None = None) -> Path:
+    return Path(base or os.environ.get("T3D_CLUSTER_DIR") or REPO / ".cluster").resolve()
+
+
+def ray_temp_dir(sd: Path) -> Path:
+    # unix socket paths must stay short: a /tmp dir named after this state dir
+    return Path("/tmp") / f"t3d-ray-{hashlib.sha256(str(sd).encode()).hexdigest()[:8]}"
+
+
+def _bin(name: str) -> str:
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else (shutil.which(name) or name)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["RAY_AUTH_MODE"] = "token"
+    # jobs run `python ...` with the head's PATH: make it this environment's interpreter
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when a server answers (an HTTP error such as 401 from token auth counts as up)."""
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status < 500
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+    except Exception:
+        return False
+
+
+def _wait(url: str, seconds: float, what: str) -> None:
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        if _http_ok(url):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not answer at {url} within {seconds:.0f} s")
+
+
+def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port: int,
+       object_store_mb: int) -> dict:
+    sd.mkdir(parents=True, exist_ok=True)
+    st_file = sd / "state.json"
+    if st_file.is_file():
+        st = json.loads(st_file.read_text())
+        if _http_ok(st["mlflow_uri"] + "/health") and _ray_alive(st):
+            print("cluster already up")
+            return st
+    env = _env()
+    env["MLFLOW_TRACKING_URI"] = f"http://{HOST}:{mlflow_port}"   # job drivers inherit the head's env
+    subprocess.run([_bin("ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    tmp = ray_temp_dir(sd)
+    # Ray's per-node agents default to fixed ports (52365, 10001, ...): a second Ray on the machine
+    # (or one still shutting down) makes the raylet fail and jobs never run. Pick free ones.
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                   f"--ray-client-server-port={_free_port()}"]
+    cmd = [_bin("ray"), "start", "--head", f"--port={ray_port}", f"--node-ip-address={HOST}", *agent_ports,
+           f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
+           f"--object-store-memory={object_store_mb * 2**20}", f"--temp-dir={tmp}", "--disable-usage-stats",
+           "--include-dashboard=true"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"ray start failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    (sd / "mlartifacts").mkdir(exist_ok=True)
+    log = open(sd / "mlflow.log", "ab")
+    mcmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{sd / 'mlflow.db'}",
+            "--artifacts-destination", str(sd / "mlartifacts"), "--host", HOST, "--port", str(mlflow_port),
+            "--workers", "1"]
+    proc = subprocess.Popen(mcmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    st = {"ray_address": f"{HOST}:{ray_port}", "dashboard": f"http://{HOST}:{dashboard_port}",
+          "mlflow_uri": f"http://{HOST}:{mlflow_port}", "mlflow_pid": proc.pid, "ray_temp_dir": str(tmp),
+          "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    st_file.write_text(json.dumps(st, indent=1))
+    try:
+        _wait(st["mlflow_uri"] + "/health", 120, "MLflow server")
+        _wait(st["dashboard"] + "/api/version", 60, "Ray dashboard")
+        _wait_jobs(st, env, 120)
+    except Exception:
+        down(sd)            # never leave half a cluster behind
+        raise
+    return st
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _wait_jobs(st: dict, env: dict, seconds: float) -> None:
+    """The dashboard answers before its job agent registers ("No available agent to submit job"):
+    submit a no-op job until one is accepted, so that `up` returns only when jobs can run."""
+    t0, last = time.time(), ""
+    while time.time() - t0 < seconds:
+        r = subprocess.run([_bin("ray"), "job", "submit", "--address", st["dashboard"], "--", "true"],
+                           env=env, capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        last = (r.stdout + r.stderr)[-300:]
+        time.sleep(2)
+    raise RuntimeError(f"Ray job server at {st['dashboard']} did not accept a job within {seconds:.0f} s: {last}")
+
+
+def _ray_procs(st: dict):
+    import psutil
+
+    tmp = st.get("ray_temp_dir")
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if tmp and any(tmp in a for a in (p.info["cmdline"] or [])):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def _ray_alive(st: dict) -> bool:
+    return _http_ok(st["dashboard"] + "/api/version")
+
+
+def down(sd: Path) -> None:
+    import psutil
+
+    st_file = sd / "state.json"
+    if not st_file.is_file():
+        print(f"no cluster state in {sd}: nothing to stop")
+        return
+    st = json.loads(st_file.read_text())
+    pid = st.get("mlflow_pid")
+    if pid:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    procs = _ray_procs(st)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        p.kill()
+    st_file.unlink()
+    print(f"stopped MLflow (pid {pid}) and {len(procs)} Ray processes of {st['ray_temp_dir']}")
+
+
+def status(sd: Path) -> int:
+    st_file = sd / "state.json"
+    if not st_file.is_file():
+        print("down")
+        return 1
+    st = json.loads(st_file.read_text())
+    ok_r, ok_m = _ray_alive(st), _http_ok(st["mlflow_uri"] + "/health")
+    print(f"ray dashboard {st['dashboard']}: {'up' if ok_r else 'DOWN'}")
+    print(f"mlflow        {st['mlflow_uri']}: {'up' if ok_m else 'DOWN'}")
+    return 0 if ok_r and ok_m else 1
+
+
+def print_usage(st: dict) -> None:
+    print(f"""
+Ray head:      {st['ray_address']}   (token auth: RAY_AUTH_MODE=token, token in ~/.ray/auth_token)
+Ray dashboard: {st['dashboard']}
+MLflow:        {st['mlflow_uri']}
+
+Submit a job:
+  export RAY_AUTH_MODE=token MLFLOW_TRACKING_URI={st['mlflow_uri']}
+  ray job submit --address {st['dashboard']} --working-dir . -- \\
+      python -m trainer.pretrain --config configs/debug.yaml --set data.shards=$PWD/demo/shards
+""")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cluster.local", description=__doc__.split("\n")[0])
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--dir", default=None, help="state folder (default .cluster/ in the repo)")
+    p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the head (more than cores: "
+                   "Ray Data only budgets CPUs that Train did not reserve)")
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.add_argument("--ray-port", type=int, default=6380)
+    p.add_argument("--object-store-mb", type=int, default=1024)
+    a = p.parse_args(argv)
+    sd = state_dir(a.dir)
+    if a.action == "up":
+        print_usage(up(sd, a.num_cpus, a.mlflow_port, a.dashboard_port, a.ray_port, a.object_store_mb))
+        return 0
+    if a.action == "down":
+        down(sd)
+        return 0
+    return status(sd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Canonical grid: RAS orientation, target spacing, target size, int16 HU (MONAI transforms).
+
+``CanonicalCT`` is the array transform; ``CanonicalCTd`` the dictionary wrapper (image + optional
+mask). Out-of-field voxels become air (-1024 HU), never water: MONAI pads with zeros, so the
+intensities are shifted by +1024 around the resampling and shifted back afterwards.
+Resampling uses ``Spacing(diagonal=True)``: oblique and gantry-tilted (sheared) inputs land on an
+axis-aligned RAS grid, so every output affine is diagonal with the configured spacing.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+AIR = -1024.0
+
+
+def _monai():
+    try:
+        import torch
+        from monai.data import MetaTensor
+        from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
+    except ImportError as e:  # pragma: no cover - install problem
+        raise ImportError("data_service.preprocess needs torch and monai: run `make install`") from e
+    return torch, MetaTensor, Orientation, Spacing, ResizeWithPadOrCrop
+
+
+class CanonicalCT:
+    """(HU array, affine) -> (int16 HU array on the target grid, new affine)."""
+
+    def __init__(self, spacing: Sequence[float], size: Sequence[int], axcodes: str = "RAS",
+                 hu_clip: Sequence[float] = (-1024.0, 3071.0)):
+        if len(spacing) != 3 or any(float(s) <= 0 for s in spacing):
+            raise ValueError(f"spacing must be 3 positive numbers, got {spacing!r}")
+        if len(size) != 3 or any(int(s) <= 0 for s in size):
+            raise ValueError(f"size must be 3 positive integers, got {size!r}")
+        self.spacing = [float(s) for s in spacing]
+        self.size = [int(s) for s in size]
+        self.axcodes = axcodes
+        self.hu_clip = (float(hu_clip[0]), float(hu_clip[1]))
+
+    def _grid(self, arr: np.ndarray, affine: np.ndarray, nearest: bool):
+        torch, MetaTensor, Orientation, Spacing, ResizeWithPadOrCrop = _monai()
+        if arr.ndim != 3:
+            raise ValueError(f"expected a 3D array, got shape {arr.shape}")
+        x = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None],
+                       affine=torch.as_tensor(affine, dtype=torch.float64))
+        x = Orientation(axcodes=self.axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
+        x = Spacing(pixdim=self.spacing, diagonal=True, mode="nearest" if nearest else "bilinear",
+                    padding_mode="zeros", align_corners=True)(x)
+        x = ResizeWithPadOrCrop(self.size, mode="constant")(x)
+        return x[0].numpy(), np.asarray(x.affine, dtype=np.float64)
+
+    def __call__(self, arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out, aff = self._grid(arr.astype(np.float32) - AIR, affine, nearest=False)
+        out = np.clip(np.rint(out + AIR), *self.hu_clip).astype(np.int16)
+        return out, aff
+
+    def mask(self, mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        out, _ = self._grid(mask.astype(np.float32), affine, nearest=True)
+        return np.rint(out).astype(np.uint8)
+
+
+class CanonicalCTd:
+    """Dictionary wrapper: keys ``image`` (+ ``affine``) and optional ``mask``."""
+
+    def __init__(self, spacing, size, axcodes="RAS", hu_clip=(-1024.0, 3071.0),
+                 image_key="image", mask_key="mask", affine_key="affine"):
+        self.t = CanonicalCT(spacing, size, axcodes, hu_clip)
+        self.image_key, self.mask_key, self.affine_key = image_key, mask_key, affine_key
+
+    def __call__(self, d: dict[str, Any]) -> dict[str, Any]:
+        d = dict(d)
+        src_affine = d[self.affine_key]
+        if d.get(self.mask_key) is not None:
+            d[self.mask_key] = self.t.mask(d[self.mask_key], src_affine)
+        d[self.image_key], d[self.affine_key] = self.t(d[self.image_key], src_affine)
+        return d
+
+
+def normalize_hu(x, window: Sequence[float] = (-1000.0, 1000.0)):
+    """HU -> [0, 1] inside the window (torch or numpy)."""
+    lo, hi = float(window[0]), float(window[1])
+    if hi <= lo:
+        raise ValueError(f"hu_window must be increasing, got {window!r}")
+    y = (x - lo) / (hi - lo)
+    return y.clip(0.0, 1.0)

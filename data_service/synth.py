@@ -1,0 +1,264 @@
+"""Deterministic phantom chest-CT dataset in the CT-RATE layout.
+
+    python -m data_service.synth --out DIR --n N [--seed S] [--valid-fraction 0.3]
+
+Anatomy is drawn analytically in world millimetres (RAS, origin at the chest centre): body
+(fat rim + soft tissue), two lungs, heart, aorta, spine, ribs. Eight of the 18 CT-RATE findings
+are planted in the voxels, independently with ~35% prevalence, and named in a free-text report
+with varied phrasing and explicit negations:
+  local & small : Lung nodule (6-10 mm sphere), Arterial wall calcification (bright aortic spots)
+  medium        : Consolidation (dense lung region), Hiatal hernia (air-fluid sac by the spine),
+                  Pericardial effusion (fluid rim round the heart)
+  large & global: Cardiomegaly (heart x1.35), Pleural effusion (dependent fluid), Emphysema
+Each volume gets its own spacing, size and orientation (RAS, LPS, LAS, PIR, ...), stored as
+int16 (some with raw values + RescaleIntercept in the metadata, as CT-RATE does).
+Organ masks (1 lung, 2 heart, 3 aorta, 4 bone) go to ``segmentations/`` beside the volumes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from trainer.config import FINDINGS
+
+PLANTED = ("Lung nodule", "Arterial wall calcification", "Consolidation", "Hiatal hernia",
+           "Pericardial effusion", "Cardiomegaly", "Pleural effusion", "Emphysema")
+ORIENTATIONS = ("RAS", "LPS", "LAS", "RPS", "LPI", "PIR")
+
+_POS = {
+    "Lung nodule": ["A {d} mm solid nodule is seen in the {side} {lobe} lobe.",
+                    "There is a {d} mm pulmonary nodule in the {side} {lobe} lobe.",
+                    "Nodular density measuring {d} mm in the {side} lung {lobe} lobe."],
+    "Arterial wall calcification": ["Calcified atherosclerotic plaques are present in the aortic wall.",
+                                    "Arterial wall calcifications are noted in the thoracic aorta."],
+    "Consolidation": ["Consolidation is seen in the {side} lower lobe.",
+                      "There is an area of consolidation in the {side} lung."],
+    "Hiatal hernia": ["A hiatal hernia is present.", "Sliding type hiatal hernia is observed."],
+    "Pericardial effusion": ["Pericardial effusion is present.",
+                             "There is fluid in the pericardial space, consistent with pericardial effusion."],
+    "Cardiomegaly": ["The heart is enlarged (cardiomegaly).", "Cardiomegaly is observed.",
+                     "Heart size is increased."],
+    "Pleural effusion": ["{Side} pleural effusion is present.", "Bilateral pleural effusion is seen.",
+                         "Pleural effusion is noted, more prominent on the {side}."],
+    "Emphysema": ["Emphysematous changes are seen in both lungs.",
+                  "Centrilobular emphysema is present in both lungs.", "Diffuse emphysema."],
+}
+_NEG = {
+    "Lung nodule": ["No pulmonary nodule was detected.", "No nodule is seen in either lung.",
+                    "There is no lung nodule.", "A pulmonary nodule is not seen."],
+    "Arterial wall calcification": ["No calcification in the aortic wall.",
+                                    "The aortic wall is free of calcified plaque.",
+                                    "Arterial wall calcification is not observed."],
+    "Consolidation": ["No consolidation.", "No consolidation is seen in either lung.", "Consolidation is not present."],
+    "Hiatal hernia": ["No hiatal hernia.", "There is no hiatal hernia.", "Hiatal hernia is not seen."],
+    "Pericardial effusion": ["No pericardial effusion.", "The pericardium is unremarkable without effusion.",
+                             "Pericardial effusion is not present."],
+    "Cardiomegaly": ["Heart size is normal.", "No cardiomegaly.", "The heart is not enlarged."],
+    "Pleural effusion": ["No pleural effusion.", "There is no pleural effusion on either side.",
+                         "Pleural spaces are clear without effusion."],
+    "Emphysema": ["No emphysema.", "Lung parenchyma shows no emphysematous change.", "Emphysema is not seen."],
+}
+_FILLER = ["Trachea and main bronchi are patent.", "Thoracic esophagus is of normal calibre.",
+           "No lytic or destructive bone lesion.", "Mediastinal structures are evaluated as normal.",
+           "The visualized upper abdominal organs are unremarkable.", "Thyroid gland is normal."]
+
+
+def _ellipsoid(X, Y, Z, c, r):
+    return ((X - c[0]) / r[0]) ** 2 + ((Y - c[1]) / r[1]) ** 2 + ((Z - c[2]) / r[2]) ** 2 <= 1.0
+
+
+def make_case(rng: np.random.Generator, findings: dict[str, int], spacing, shape):
+    """Return (hu float32 (i,j,k) in RAS voxel order, mask uint8, details dict)."""
+    sx, sy, sz = spacing
+    nx, ny, nz = shape
+    x = (np.arange(nx) - (nx - 1) / 2) * sx
+    y = (np.arange(ny) - (ny - 1) / 2) * sy
+    z = (np.arange(nz) - (nz - 1) / 2) * sz
+    X, Y, Z = np.meshgrid(x, y, z, indexing="ij")
+    hu = np.full(shape, -1000.0, np.float32)
+    mask = np.zeros(shape, np.uint8)
+    scale = rng.uniform(0.9, 1.1)
+    body = _ellipsoid(X, Y, Z * 0.25, (0, 0, 0), (165 * scale, 115 * scale, 200))
+    inner = _ellipsoid(X, Y, Z * 0.25, (0, 0, 0), (150 * scale, 100 * scale, 200))
+    hu[body] = -100.0
+    hu[inner] = 40.0
+    lung_hu = -850.0 + rng.normal(0, 15)
+    lungs = []
+    for side in (-1, 1):
+        L = _ellipsoid(X, Y, Z, (side * 68 * scale, 0, 10), (52 * scale, 78 * scale, 115))
+        lungs.append(L)
+        hu[L] = lung_hu
+        mask[L] = 1
+    lung_any = lungs[0] | lungs[1]
+    details = {}
+    if findings["Emphysema"]:
+        hu[lung_any] = -935.0
+        holes = (rng.random(shape) < 0.04) & lung_any
+        hu[holes] = -1000.0
+    heart_r = np.array([55.0, 45.0, 50.0]) * scale * (1.35 if findings["Cardiomegaly"] else 1.0)
+    heart_c = (15.0, 25.0, -35.0)
+    heart = _ellipsoid(X, Y, Z, heart_c, heart_r)
+    if findings["Pericardial effusion"]:
+        rim = _ellipsoid(X, Y, Z, heart_c, heart_r + 7.0) & ~heart
+        hu[rim] = 8.0
+    hu[heart] = 45.0
+    mask[heart] = 2
+    for L in lungs:  # lungs must not overlap the heart
+        mask[L & heart] = 2
+    aorta = ((X - 20) ** 2 + (Y + 10) ** 2 <= 14.0 ** 2) & (Z > -90) & (Z < 80)
+    hu[aorta] = 170.0
+    mask[aorta] = 3
+    if findings["Arterial wall calcification"]:
+        ang = rng.uniform(0, 2 * np.pi, 6)
+        for a, zc in zip(ang, rng.uniform(-80, 70, 6)):
+            spot = _ellipsoid(X, Y, Z, (20 + 14 * np.cos(a), -10 + 14 * np.sin(a), zc), (4, 4, 6))
+            hu[spot] = 900.0
+    spine = ((X) ** 2 + (Y + 85 * scale) ** 2 <= 18.0 ** 2) & (np.abs(Z) < 170)
+    hu[spine] = 650.0
+    mask[spine] = 4
+    rib_r = np.sqrt((X / (157 * scale)) ** 2 + (Y / (107 * scale)) ** 2)
+    ribs = (np.abs(rib_r - 1.0) < 0.035) & (np.mod(Z + 400, 30) < 9) & (np.abs(Z) < 130)
+    hu[ribs] = 700.0
+    mask[ribs] = 4
+    side = int(rng.choice([-1, 1]))
+    details["side"] = "right" if side < 0 else "left"  # RAS: negative x is the patient's right
+    if findings["Pleural effusion"]:
+        for s, L in zip((-1, 1), lungs):
+            depth = rng.uniform(25, 40) if s == side else rng.uniform(0, 25)
+            hu[L & (Y < -78 * scale + depth)] = 12.0
+    if findings["Consolidation"]:
+        c = (side * 68 * scale, rng.uniform(-20, 20), rng.uniform(-60, -20))
+        blob = _ellipsoid(X, Y, Z, c, (25, 25, 30)) & lungs[0 if side < 0 else 1]
+        hu[blob] = rng.uniform(-40, 30)
+    if findings["Hiatal hernia"]:
+        c = (0.0, -45.0, -95.0)
+        sac = _ellipsoid(X, Y, Z, c, (28, 22, 26))
+        hu[sac] = 15.0
+        hu[sac & (Y > -45)] = -1000.0  # air cap
+    if findings["Lung nodule"]:
+        d = float(rng.uniform(6, 10))
+        L = lungs[0 if side < 0 else 1]
+        zc = rng.uniform(-10, 70)
+        details["lobe"] = "upper" if zc > 30 else "middle" if side < 0 else "lower"
+        details["d"] = int(round(d * 1.5))  # reported diameter in mm (radius d)
+        for _ in range(50):
+            c = (side * 68 * scale + rng.uniform(-25, 25), rng.uniform(-40, 40), zc)
+            ball = _ellipsoid(X, Y, Z, c, (d, d, d))
+            if ball.any() and (ball <= L).all():
+                hu[ball] = rng.uniform(20, 60)
+                break
+    hu += rng.normal(0, 12, shape).astype(np.float32)
+    return hu, mask, details
+
+
+def make_report(rng: np.random.Generator, findings: dict[str, int], details: dict) -> str:
+    fill = {"side": details.get("side", "right"), "Side": details.get("side", "right").capitalize(),
+            "lobe": details.get("lobe", "upper"), "d": details.get("d", 8)}
+    sentences = [str(rng.choice(_POS[f] if findings[f] else _NEG[f])).format(**fill) for f in PLANTED]
+    sentences += list(rng.choice(_FILLER, size=2, replace=False))
+    order = rng.permutation(len(sentences))
+    findings_txt = " ".join(sentences[i] for i in order)
+    pos = [f.lower() for f in PLANTED if findings[f]]
+    impression = ("; ".join(pos).capitalize() + ".") if pos else "No acute thoracic abnormality."
+    return findings_txt, impression
+
+
+def _reorient(hu, mask, spacing, axcodes):
+    """RAS-ordered voxels -> the given axis codes, with the matching affine."""
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = -(np.array(hu.shape) - 1) / 2 * np.array(spacing)
+    tr = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(tuple(axcodes)))
+    new_aff = aff @ inv_ornt_aff(tr, hu.shape)
+    out = apply_orientation(hu, tr), apply_orientation(mask, tr), new_aff
+    assert "".join(nib.aff2axcodes(new_aff)) == axcodes
+    return out
+
+
+def generate(out: str | Path, n: int, seed: int = 0, valid_fraction: float = 0.3,
+             prevalence: float = 0.35) -> dict[str, int]:
+    import nibabel as nib
+
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    rows = {"train": [], "valid": []}
+    n_valid = max(1, int(round(n * valid_fraction))) if n > 1 else 0
+    for idx in range(n):
+        split = "valid" if idx >= n - n_valid else "train"
+        r = np.random.default_rng([seed, idx])
+        findings = {f: int(r.random() < prevalence) for f in PLANTED}
+        spacing = (float(r.choice([2.0, 2.5, 3.0])),) * 2 + (float(r.choice([3.0, 4.0, 5.0])),)
+        fov = r.uniform(360, 400, 2)
+        shape = (int(fov[0] / spacing[0]), int(fov[1] / spacing[1]), int(r.uniform(300, 340) / spacing[2]))
+        hu, mask, details = make_case(r, findings, spacing, shape)
+        axcodes = ORIENTATIONS[idx % len(ORIENTATIONS)]
+        hu_o, mask_o, affine = _reorient(hu, mask, spacing, axcodes)
+        raw_storage = bool(idx % 3 == 1)  # CT-RATE style: stored value = HU + 1024, intercept in CSV
+        stored = np.clip(np.rint(hu_o + (1024 if raw_storage else 0)), -32768, 32767).astype(np.int16)
+        pid = f"{split}_{idx + 1}"
+        name = f"{pid}_a_1.nii.gz"
+        vdir = out / split / pid / f"{pid}_a"
+        vdir.mkdir(parents=True, exist_ok=True)
+        img = nib.Nifti1Image(stored, affine)
+        img.header.set_slope_inter(1.0, 0.0) if not raw_storage else None
+        nib.save(img, str(vdir / name))
+        sdir = out / "segmentations" / split / pid / f"{pid}_a"
+        sdir.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(mask_o.astype(np.uint8), affine), str(sdir / name))
+        ftxt, imp = make_report(r, findings, details)
+        labels = {f: findings.get(f, 0) for f in FINDINGS}
+        rows[split].append({"name": name, "findings": ftxt, "impression": imp, "labels": labels,
+                            "spacing": spacing, "shape": shape, "raw": raw_storage})
+    _write_tables(out, rows)
+    return {k: len(v) for k, v in rows.items()}
+
+
+def _write_tables(out: Path, rows):
+    (out / "radiology_text_reports").mkdir(parents=True, exist_ok=True)
+    (out / "multi_abnormality_labels").mkdir(parents=True, exist_ok=True)
+    (out / "metadata").mkdir(parents=True, exist_ok=True)
+    names = {"train": ("train_reports.csv", "train_predicted_labels.csv", "train_metadata.csv"),
+             "valid": ("validation_reports.csv", "valid_predicted_labels.csv", "validation_metadata.csv")}
+    for split, (rep, lab, meta) in names.items():
+        with open(out / "radiology_text_reports" / rep, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"])
+            for r in rows[split]:
+                w.writerow([r["name"], "Phantom study.", "Non-contrast chest CT.", r["findings"], r["impression"]])
+        with open(out / "multi_abnormality_labels" / lab, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["VolumeName", *FINDINGS])
+            for r in rows[split]:
+                w.writerow([r["name"], *[r["labels"][k] for k in FINDINGS]])
+        with open(out / "metadata" / meta, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["VolumeName", "Manufacturer", "XYSpacing", "ZSpacing", "RescaleIntercept",
+                        "RescaleSlope", "Rows", "Columns", "NumberofSlices", "PatientSex", "PatientAge"])
+            for i, r in enumerate(rows[split]):
+                sp, sh = r["spacing"], r["shape"]
+                w.writerow([r["name"], "PhantomCT", f"[{sp[0]}, {sp[1]}]", sp[2], -1024 if r["raw"] else 0,
+                            1, sh[1], sh[0], sh[2], "MF"[i % 2], f"{40 + i % 40:03d}Y"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_service.synth", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, required=True, help="number of volumes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--valid-fraction", type=float, default=0.3)
+    a = p.parse_args(argv)
+    if a.n < 1:
+        p.error(f"--n must be >= 1, got {a.n}")
+    counts = generate(a.out, a.n, a.seed, a.valid_fraction)
+    print(f"synth: wrote {sum(counts.values())} phantom volumes {counts} in CT-RATE layout -> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

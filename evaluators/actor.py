@@ -1,0 +1,177 @@
+"""Continuous evaluation: a Ray actor scores each new checkpoint of a run, once per task.
+
+    python -m evaluators.actor --run-dir RUN --data SHARDS [--tasks zeroshot,retrieval] [--follow]
+
+The ledger (``{run_dir}/eval_ledger.jsonl``, one line per checkpoint x task) makes the work
+idempotent: a restarted evaluator skips what is recorded and redoes nothing. The actor has its own
+CPUs (``eval.cpus``) and ``max_restarts=-1``: if it crashes, Ray restarts it and the watcher calls
+it again, without touching the trainers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Ledger:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def done(self) -> set[tuple[str, str]]:
+        if not self.path.is_file():
+            return set()
+        out = set()
+        for line in self.path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:        # a torn last line from a crash: that work is redone
+                continue
+            out.add((r["checkpoint"], r["task"]))
+        return out
+
+    def record(self, checkpoint: str, task: str, step: int, metrics: dict[str, float],
+               error: str | None = None) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"checkpoint": checkpoint, "task": task, "step": step, "metrics": metrics,
+                                "error": error, "time": time.time()}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def ready_checkpoints(run_dir: str | Path, every_n: int = 1) -> list[Path]:
+    """step_* folders whose export is complete (export.json is written after the weights)."""
+    ck = sorted(p for p in Path(run_dir).glob("step_*") if (p / "export" / "export.json").is_file()
+                and (p / "export" / "model.safetensors").is_file())
+    return ck[every_n - 1::every_n] if every_n > 1 else ck
+
+
+def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None,
+                     every_n: int = 1, fail_marker: str | None = None) -> list[dict[str, Any]]:
+    """Score every (checkpoint, task) not in the ledger; returns what was newly scored."""
+    from evaluators.score import score_checkpoint
+
+    ledger = Ledger(Path(run_dir) / "eval_ledger.jsonl")
+    done, new = ledger.done(), []
+    for ck in ready_checkpoints(run_dir, every_n):
+        for task in tasks:
+            if (ck.name, task) in done:
+                continue
+            if fail_marker and not Path(fail_marker).exists():   # fault injection for tests
+                Path(fail_marker).write_text("crashed once")
+                os._exit(1)
+            try:
+                r = score_checkpoint(ck, shards, [task])
+            except ValueError as e:            # e.g. a split or label missing: record, do not retry forever
+                ledger.record(ck.name, task, -1, {}, error=str(e)[:500])
+                new.append({"checkpoint": ck.name, "task": task, "step": None, "error": str(e)[:200]})
+                continue
+            if mlflow_uri and r["mlflow_run_id"]:
+                from mlflow.entities import Metric
+                from mlflow.tracking import MlflowClient
+
+                ts = int(time.time() * 1000)
+                MlflowClient(mlflow_uri).log_batch(r["mlflow_run_id"], metrics=[
+                    Metric(k.replace("@", "_at_"), v, ts, int(r["step"])) for k, v in r["metrics"].items()
+                    if math.isfinite(v)])
+            ledger.record(ck.name, task, int(r["step"]), r["metrics"])
+            new.append({"checkpoint": ck.name, "task": task, "step": r["step"]})
+    return new
+
+
+def make_actor(cpus: float):
+    import ray
+
+    @ray.remote(num_cpus=cpus, max_restarts=-1, max_task_retries=0)
+    class Evaluator:
+        def poll(self, *args, **kw):
+            return evaluate_pending(*args, **kw)
+
+    return Evaluator.remote()
+
+
+def watch(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None, cpus: float = 0.5,
+          every_n: int = 1, follow: bool = False, poll_s: float = 10.0, fail_marker: str | None = None,
+          max_crashes: int = 5) -> list[dict[str, Any]]:
+    """Call the actor until no work is left (or forever with ``follow``); survive its crashes."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    actor, scored, crashes = make_actor(cpus), [], 0
+    while True:
+        try:
+            new = ray.get(actor.poll.remote(run_dir, shards, tasks, mlflow_uri, every_n, fail_marker))
+        except RayActorError as e:
+            crashes += 1
+            print(f"[eval] evaluator crashed ({crashes}/{max_crashes}); Ray restarts it: {str(e)[:200]}", flush=True)
+            if crashes >= max_crashes:
+                raise
+            time.sleep(1.0)
+            continue
+        for n in new:
+            what = f"FAILED: {n['error']}" if n.get("error") else "scored"
+            print(f"[eval] {n['checkpoint']} (step {n['step']}) {n['task']}: {what}", flush=True)
+        scored += new
+        if not follow and not new:
+            return scored
+        time.sleep(poll_s if follow else 0)
+
+
+class EvalThread:
+    """Runs ``watch`` beside a training job in the driver; never raises into the trainer."""
+
+    def __init__(self, run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None, cpus: float,
+                 every_n: int, poll_s: float):
+        import threading
+
+        self.args = (run_dir, shards, tasks, mlflow_uri, cpus, every_n)
+        self.poll_s, self.stop = poll_s, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="t3d-evaluator")
+
+    def _once(self) -> None:
+        try:
+            watch(*self.args, follow=False)
+        except Exception as e:  # the evaluator must never take the training run down
+            print(f"[eval] evaluator error (training unaffected): {type(e).__name__}: {e}", flush=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.poll_s):
+            self._once()
+
+    def start(self) -> "EvalThread":
+        self.thread.start()
+        return self
+
+    def finish(self) -> None:
+        """Stop polling, then score whatever checkpoints are left."""
+        self.stop.set()
+        self.thread.join()
+        self._once()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m evaluators.actor", description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--tasks", default="zeroshot,retrieval")
+    p.add_argument("--every-n", type=int, default=1, help="score every n-th checkpoint")
+    p.add_argument("--cpus", type=float, default=0.5)
+    p.add_argument("--follow", action="store_true", help="keep watching for new checkpoints")
+    p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    a = p.parse_args(argv)
+    import ray
+
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
+    scored = watch(a.run_dir, a.data, [t.strip() for t in a.tasks.split(",")], a.mlflow_uri, a.cpus,
+                   a.every_n, a.follow)
+    print(f"[eval] {len(scored)} new (checkpoint, task) results; ledger {Path(a.run_dir) / 'eval_ledger.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

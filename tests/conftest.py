@@ -1,0 +1,36 @@
+"""Shared fixtures: the real data beside the repo, a small ingested phantom dataset."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = (REPO / ".." / "shared" / "realdata").resolve()
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Path:
+    if not REALDATA.is_dir():
+        pytest.skip(f"real data not found at {REALDATA} (expected ../shared/realdata beside the repo)")
+    return REALDATA
+
+
+@pytest.fixture(scope="session")
+def debug_cfg():
+    from trainer.config import load_config
+
+    return load_config(REPO / "configs" / "debug.yaml")
+
+
+@pytest.fixture(scope="session")
+def phantom(tmp_path_factory, debug_cfg):
+    """10 phantom volumes (CT-RATE layout) ingested with the debug config."""
+    from data_service import ingest, synth
+
+    root = tmp_path_factory.mktemp("phantom")
+    synth.generate(root / "raw", n=10, seed=3, valid_fraction=0.4)
+    ingest.run("ctrate", str(root / "raw"), str(root / "shards"), debug_cfg.data, workers=2, progress=False)
+    return root

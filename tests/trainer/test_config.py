@@ -1,0 +1,38 @@
+import pytest
+
+from trainer.config import ConfigError, load_config
+from tests.conftest import REPO
+
+
+def test_presets_load():
+    dbg = load_config(REPO / "configs/debug.yaml")
+    t3d = load_config(REPO / "configs/t3d.yaml")
+    assert dbg.model.flavour == "debug" and t3d.model.flavour == "t3d"
+    assert t3d.data.spacing == [1.0, 1.0, 4.0] and t3d.data.size == [256, 256, 128]
+    assert t3d.model.image_layers == [3, 4, 6, 3]  # ResNet-50
+
+
+def test_override_and_types():
+    cfg = load_config(REPO / "configs/debug.yaml", ["train.steps=7", "tma.enabled=false",
+                                                    "data.spacing=[2, 2, 4]", "model.text_encoder=/x"])
+    assert cfg.train.steps == 7 and cfg.tma.enabled is False
+    assert cfg.data.spacing == [2.0, 2.0, 4.0] and isinstance(cfg.data.spacing[0], float)
+    assert cfg.model.text_encoder == "/x"
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz'.*did you mean 'train.steps'"):
+        load_config(None, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'dat'.*'data'"):
+        load_config(None, ["dat.spacing=[1,1,1]"])
+
+
+def test_wrong_type_and_value_rejected():
+    with pytest.raises(ConfigError, match=r"'train.steps': expected int, got 'many'"):
+        load_config(None, ["train.steps=many"])
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
+        load_config(None, ["deepspeed.zero_stage=4"])
+    with pytest.raises(ConfigError, match="data.spacing"):
+        load_config(None, ["data.spacing=[1, 1]"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["train.steps"])

@@ -1,0 +1,234 @@
+"""Model shapes, gradient flow, and the behaviour of every loss term."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.config import TMAConfig, load_config
+from trainer.losses import T3DLoss, clip_loss, consistency_loss, local_alignment_loss, token_region_similarity
+from trainer.losses.tma import sinkhorn
+from trainer.model import build_model
+from trainer.model.t3d import count_parameters
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(REPO / "configs/debug.yaml")
+
+
+def _batch(cfg, b=3, v=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, cfg.model.vocab_size, (b, 12), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    ids[0, 7] = 3
+    return {"image": torch.rand(b, 1, *cfg.data.size, generator=g),
+            "views": torch.rand(b, v, 1, *cfg.data.views.size, generator=g),
+            "input_ids": ids, "attention_mask": mask}
+
+
+def test_forward_shapes(cfg):
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    out = m(**_batch(cfg))
+    e, dl = cfg.model.embed_dim, cfg.model.local_dim
+    assert out["img"].shape == (3, e) and out["txt"].shape == (3, e)
+    assert out["view_regions"].shape[:2] == (3, 2) and out["view_regions"].shape[-1] == dl
+    assert out["view_regions"].shape[2] == 3 * 3 * 2     # 40x40x20 view, 4 stride-2 stages: 20->10->5->3->2
+    assert out["view_scores"].shape == (3, 2, cfg.tma.prototypes)
+    assert torch.allclose(out["img"].norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert out["token_mask"][0].sum() == 6                # CLS, SEP and padding excluded
+
+
+@pytest.mark.parametrize("term", ["clip", "local", "consistency"])
+def test_gradient_flows_for_each_term(cfg, term):
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    c = TMAConfig(**{**cfg.tma.__dict__, "w_clip": 0.0, "w_local": 0.0, "w_consistency": 0.0})
+    setattr(c, f"w_{term}", 1.0)
+    m.tcfg = c
+    loss, logs = T3DLoss(c)(m(**_batch(cfg)))
+    assert set(k for k in logs if k in ("clip", "local", "consistency")) == {term}
+    loss.backward()
+    g_img = m.image.net.conv1.weight.grad
+    g_txt = m.text.bert.embeddings.word_embeddings.weight.grad
+    assert g_img is not None and g_img.abs().sum() > 0, f"{term}: no gradient to the image encoder"
+    if term != "consistency":  # consistency only touches the text through attention weights
+        assert g_txt is not None and g_txt.abs().sum() > 0, f"{term}: no gradient to the text encoder"
+    else:
+        assert m.prototypes.grad is not None and m.prototypes.grad.abs().sum() > 0
+
+
+def test_clip_low_when_aligned_logb_when_shuffled():
+    torch.manual_seed(0)
+    b = 16
+    x = F.normalize(torch.randn(b, 32), dim=-1)
+    assert clip_loss(x, x, torch.tensor(100.0)) < 1e-3
+    y = F.normalize(torch.randn(b, 32), dim=-1)
+    shuffled = clip_loss(x, y, torch.tensor(1.0))
+    assert abs(float(shuffled) - math.log(b)) < 0.15
+
+
+def test_local_alignment_low_when_tokens_match_regions():
+    torch.manual_seed(0)
+    b, n, l, d = 8, 20, 6, 32
+    regions = F.normalize(torch.randn(b, 1, n, d), dim=-1)
+    tokens = regions[:, 0, :l].clone()                    # each report names regions of its own image
+    mask = torch.ones(b, l)
+    c = TMAConfig(attn_temperature=0.05, local_temperature=0.05)
+    aligned = local_alignment_loss(regions, tokens, mask, c)
+    shuffled = local_alignment_loss(regions, tokens[torch.randperm(b)], mask, c)
+    rand = local_alignment_loss(regions, F.normalize(torch.randn(b, l, d), dim=-1), mask, c)
+    assert aligned < 0.05
+    assert shuffled > 1.0 and abs(float(rand) - math.log(b)) < 0.5
+
+
+def test_token_pooling_respects_mask():
+    torch.manual_seed(0)
+    r = F.normalize(torch.randn(2, 10, 16), dim=-1)
+    t = F.normalize(torch.randn(3, 5, 16), dim=-1)
+    m = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float)
+    s = token_region_similarity(r, t, m, 0.1)
+    t2 = t.clone()
+    t2[0, 2:] = F.normalize(torch.randn(3, 16), dim=-1)  # masked tokens change: no effect
+    assert torch.allclose(s, token_region_similarity(r, t2, m, 0.1), atol=1e-6)
+    for pool in ("mean", "lse"):
+        assert token_region_similarity(r, t, m, 0.1, pool=pool).shape == (2, 3)
+
+
+def test_consistency_invariant_to_view_order_and_guarded():
+    torch.manual_seed(0)
+    scores = torch.tanh(torch.randn(16, 3, 8))
+    c = TMAConfig()
+    a, _ = consistency_loss(scores, c)
+    b, _ = consistency_loss(scores[:, [2, 0, 1]], c)
+    assert torch.allclose(a, b, atol=1e-6)
+    # collapse guard: Sinkhorn spreads even a collapsed batch over all prototypes
+    collapsed = torch.zeros(16, 8)
+    collapsed[:, 0] = 1.0
+    q = sinkhorn(collapsed + 0.01 * torch.randn(16, 8), c.sinkhorn_epsilon, 10)
+    assert torch.allclose(q.sum(1), torch.ones(16), atol=1e-4)
+    assert q.sum(0).min() > 16 / 8 * 0.5
+    with pytest.raises(ValueError, match="2 views"):
+        consistency_loss(scores[:, :1], c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_no_nan_at_low_precision_boundaries(dtype):
+    torch.manual_seed(0)
+    x = F.normalize(torch.randn(8, 16), dim=-1).to(dtype)
+    assert torch.isfinite(clip_loss(x, x, torch.tensor(100.0, dtype=dtype)))         # max logit scale
+    assert torch.isfinite(clip_loss(x, torch.zeros_like(x), torch.tensor(100.0)))    # degenerate text
+    r = F.normalize(torch.randn(4, 1, 6, 16), dim=-1).to(dtype)
+    t = F.normalize(torch.randn(4, 5, 16), dim=-1).to(dtype)
+    m = torch.zeros(4, 5)
+    m[0, 0] = 1                                                                       # nearly empty reports
+    c = TMAConfig(attn_temperature=0.01, local_temperature=0.01)
+    for pool in ("mean", "lse"):
+        c.token_pool = pool
+        assert torch.isfinite(local_alignment_loss(r, t, m, c))
+    extreme = torch.tensor([1.0, -1.0]).repeat(8, 2, 4).to(dtype)                    # saturated cosines
+    loss, ent = consistency_loss(extreme, TMAConfig(sinkhorn_epsilon=0.01, student_temperature=0.01))
+    assert torch.isfinite(loss) and torch.isfinite(ent)
+
+
+def test_paper_scale_parameter_count():
+    cfg = load_config(REPO / "configs/t3d.yaml")
+    with torch.device("meta"):
+        m = build_model(cfg)
+    n = count_parameters(m)
+    assert 45e6 < n["image"] < 48e6        # MONAI 3D ResNet-50, 1 channel, no fc: 46.2M
+    assert 108e6 < n["text"] < 111e6       # BERT-base without pooler: 109.5M
+
+
+# ------------------------------------------------------------------- 2 processes == 1 process
+def _embeddings(seed, b):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2 * b, 10, generator=g), torch.randn(2 * b, 4, 8, generator=g), torch.randn(2 * b, 5, 8, generator=g)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(123)
+        self.a = torch.nn.Linear(10, 6)
+        self.b = torch.nn.Linear(10, 6)
+        self.r = torch.nn.Linear(8, 8)
+        self.t = torch.nn.Linear(8, 8)
+
+    def loss(self, feats, regions, tokens):
+        img = F.normalize(self.a(feats), dim=-1)
+        txt = F.normalize(self.b(feats.flip(-1)), dim=-1)
+        reg = F.normalize(self.r(regions), dim=-1).unsqueeze(1)
+        tok = F.normalize(self.t(tokens), dim=-1)
+        mask = torch.ones(tok.shape[:2])
+        return clip_loss(img, txt, torch.tensor(10.0)) + local_alignment_loss(reg, tok, mask, TMAConfig())
+
+
+def _worker(rank, world, b, path, init):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    m = _Tiny()
+    f, r, t = _embeddings(0, b)
+    sl = slice(rank * b, (rank + 1) * b)
+    loss = m.loss(f[sl], r[sl], t[sl])
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in m.parameters()])
+    dist.all_reduce(grads)
+    grads /= world
+    lt = loss.detach().clone()
+    dist.all_reduce(lt)
+    if rank == 0:
+        torch.save({"loss": lt / world, "grads": grads}, path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_two_ranks_equal_one_rank_double_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    b = 4
+    path = str(tmp_path / "dist.pt")
+    init = f"file://{tempfile.mktemp(dir=tmp_path)}"
+    mp.spawn(_worker, args=(2, b, path, init), nprocs=2, join=True)
+    got = torch.load(path)
+    m = _Tiny()
+    f, r, t = _embeddings(0, b)
+    ref = m.loss(f, r, t)
+    ref.backward()
+    ref_grads = torch.cat([p.grad.flatten() for p in m.parameters()])
+    assert torch.allclose(got["loss"], ref.detach(), atol=1e-5), (got["loss"], ref)
+    assert torch.allclose(got["grads"], ref_grads, atol=1e-5), (got["grads"] - ref_grads).abs().max()
+
+
+def test_tokenizer_from_reports_is_reproducible(realdata):
+    """Built from real CT-RATE report texts: same texts -> same vocabulary and ids, in any order."""
+    import csv
+
+    from trainer.model.text import build_tokenizer
+
+    rows = list(csv.DictReader(open(realdata / "ctclip_reports/train.csv", encoding="utf-8")))[:200]
+    texts = [r["report_text"] for r in rows]
+    a, b = build_tokenizer(texts, 2000), build_tokenizer(texts[::-1], 2000)
+    assert a.get_vocab() == b.get_vocab() and 1000 < len(a) <= 2000
+    enc = a(["Bilateral pleural effusion is not present."])["input_ids"][0]
+    assert a.convert_ids_to_tokens(enc)[1:4] == ["bilateral", "pleural", "effusion"]
+    assert a.convert_ids_to_tokens(a("xyzzyq")["input_ids"])[1] == "x"   # unseen word -> characters
+
+
+def test_triton_kernel_switch_is_explicit():
+    r = F.normalize(torch.randn(2, 4, 8), dim=-1)
+    t = F.normalize(torch.randn(2, 3, 8), dim=-1)
+    m = torch.ones(2, 3)
+    ref = token_region_similarity(r, t, m, 0.1, kernel="torch")
+    assert torch.equal(token_region_similarity(r, t, m, 0.1, kernel="auto"), ref)
+    with pytest.raises(NotImplementedError, match="tma.kernel=triton"):
+        token_region_similarity(r, t, m, 0.1, kernel="triton")

@@ -1,0 +1,166 @@
+"""DeepSpeed engine around the plain T3D model: config, init, save/load, consolidated export.
+
+Runner code (imports DeepSpeed); the model itself stays free of it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.config import Config, save_config
+
+TAG = "ds"
+EXPORT = "model.safetensors"
+
+
+def use_bf16(cfg: Config) -> bool:
+    on_gpu = torch.cuda.is_available() and cfg.ray.use_gpu
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    t, on_gpu = cfg.train, torch.cuda.is_available() and cfg.ray.use_gpu
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.deepspeed.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(cfg)},
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay,
+                                                  "betas": [0.9, 0.98], "eps": 1e-6,
+                                                  "torch_adam": not on_gpu}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": max(t.steps, t.warmup_steps + 1), "warmup_num_steps": t.warmup_steps,
+            "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_engine(model: torch.nn.Module, cfg: Config):
+    """Wraps ``model``; reuses the torch.distributed group that Ray Train created."""
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                          if p.requires_grad],
+                                           config=deepspeed_config(cfg))
+    return engine
+
+
+def rng_state() -> dict[str, Any]:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save(engine, ckpt_dir: str | Path, rank: int, state: dict[str, Any]) -> None:
+    """Every rank: DeepSpeed state (its ZeRO partitions) + its RNG; rank 0: the loop state."""
+    ckpt_dir = Path(ckpt_dir)
+    engine.save_checkpoint(str(ckpt_dir), tag=TAG)
+    torch.save(rng_state(), ckpt_dir / f"rng_rank{rank}.pt")
+    # per-rank buffers (BatchNorm running stats): DeepSpeed neither syncs them nor saves them per rank
+    torch.save({k: b.detach().cpu().clone() for k, b in engine.module.named_buffers()},
+               ckpt_dir / f"buffers_rank{rank}.pt")
+    if rank == 0:
+        (ckpt_dir / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def load(engine, ckpt_dir: str | Path, rank: int) -> dict[str, Any]:
+    ckpt_dir = Path(ckpt_dir)
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no DeepSpeed checkpoint with tag {TAG!r}")
+    buf = ckpt_dir / f"buffers_rank{rank}.pt"
+    if buf.is_file():
+        saved = torch.load(buf, weights_only=True)
+        with torch.no_grad():
+            for k, b in engine.module.named_buffers():
+                if k in saved:
+                    b.copy_(saved[k].to(b.device))
+    rng = ckpt_dir / f"rng_rank{rank}.pt"
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=False))
+    return json.loads((ckpt_dir / "state.json").read_text())
+
+
+def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Collective (all ranks call it): fp32 weights gathered from any ZeRO stage."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p) if engine.zero_optimization() else None
+        out[name] = (full if full is not None else p.data).detach().float().cpu().clone()
+    persistent = set(engine.module.state_dict().keys())   # skips HF's non-persistent buffers
+    for name, b in engine.module.named_buffers():
+        if name in persistent:
+            out[name] = b.detach().cpu().clone()
+    return out
+
+
+def export(engine, out_dir: str | Path, cfg: Config, rank: int, extra: dict[str, Any]) -> None:
+    """Consolidated fp32 safetensors + config + tokenizer: what evaluators and users load."""
+    state = full_fp32_state_dict(engine)
+    if rank != 0:
+        return
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / EXPORT))
+    save_config(cfg, out_dir / "config.yaml")
+    (out_dir / "export.json").write_text(json.dumps(extra, indent=1))
+    tok = extra.get("tokenizer_dir")
+    if tok and Path(tok).is_dir():
+        import shutil
+
+        shutil.copytree(tok, out_dir / "tokenizer", dirs_exist_ok=True)
+
+
+def load_export(path: str | Path):
+    """(model, tokenizer, cfg, info) from an export folder (a checkpoint dir or its export/)."""
+    from safetensors.torch import load_file
+
+    from trainer.config import load_config
+    from trainer.model import build_model
+    from trainer.model.text import load_tokenizer
+
+    p = Path(path)
+    if (p / "export" / EXPORT).is_file():
+        p = p / "export"
+    if not (p / EXPORT).is_file():
+        raise FileNotFoundError(f"{path}: no {EXPORT} (expected a checkpoint folder with export/)")
+    cfg = load_config(p / "config.yaml")
+    tok = load_tokenizer(p / "tokenizer")
+    model = build_model(cfg, len(tok))
+    missing, unexpected = model.load_state_dict(load_file(str(p / EXPORT)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{p / EXPORT}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    info = json.loads((p / "export.json").read_text()) if (p / "export.json").is_file() else {}
+    return model.eval(), tok, cfg, info
+
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")

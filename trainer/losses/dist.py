@@ -1,0 +1,31 @@
+"""The project's only collectives: gather that keeps the local gradient, and all-reduce."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0; gradients flow back to every rank's slice
+    (torch.distributed.nn.all_gather's backward reduce-scatters them). Identity on one process."""
+    rank, ws = world()
+    if ws == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks without gradient (for Sinkhorn statistics)."""
+    _, ws = world()
+    if ws > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x

@@ -1,0 +1,125 @@
+"""Text-informed Multi-view Alignment (TMA). Design and rationale: docs/design.md.
+
+Three switchable terms (weights in ``tma``):
+  clip         global volume <-> report InfoNCE (losses/clip.py)
+  local        view <-> report: each report token attends over a view's regions; the similarity
+               of (view i, report j) is the masked mean (or LSE) over j's tokens of cos(token,
+               attended context). InfoNCE over these similarities, negatives from all ranks.
+  consistency  the text-informed pooled feature of each view (its own report's tokens attending
+               over its regions) is assigned to learnable prototypes; the Sinkhorn-balanced
+               assignment of one view is the target for the softmax prediction of every other
+               view of the same volume (SwAV swapped prediction). Sinkhorn's equipartition
+               across the global batch is the collapse guard.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import TMAConfig
+from trainer.losses.clip import clip_loss, contrastive_from_logits
+from trainer.losses.dist import all_reduce_sum, gather_with_grad
+
+
+def token_region_similarity(regions: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
+                            attn_temperature: float, pool: str = "mean", gamma: float = 5.0,
+                            kernel: str = "torch") -> torch.Tensor:
+    """regions (Bi,N,D), tokens (Bt,L,D) (both L2-normalized), token_mask (Bt,L) -> S (Bi,Bt).
+    S[i,j] aggregates, over report j's tokens, cos(token, softmax-attended context in image i)."""
+    if kernel in ("triton", "auto"):
+        from trainer.kernels import token_region_similarity as fused
+
+        out = fused(regions, tokens, token_mask, attn_temperature, pool, gamma, kernel)
+        if out is not None:
+            return out
+    return token_region_similarity_reference(regions, tokens, token_mask, attn_temperature, pool, gamma)
+
+
+def token_region_similarity_reference(regions, tokens, token_mask, attn_temperature, pool="mean", gamma=5.0):
+    r, t = regions.float(), tokens.float()
+    logits = torch.einsum("ind,tld->itln", r, t) / attn_temperature          # (Bi,Bt,L,N)
+    ctx = torch.einsum("itln,ind->itld", logits.softmax(-1), r)              # (Bi,Bt,L,D)
+    s = F.cosine_similarity(ctx, t.unsqueeze(0), dim=-1, eps=1e-6)           # (Bi,Bt,L)
+    m = token_mask.float().unsqueeze(0)
+    if pool == "mean":
+        return (s * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+    # log-sum-exp pooling (GLoRIA): soft max over tokens
+    s = s * gamma + (m - 1.0) * 1e4
+    return torch.logsumexp(s, dim=-1) / gamma
+
+
+def local_alignment_loss(view_regions: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
+                         cfg: TMAConfig) -> torch.Tensor:
+    """view_regions (B,V,N,D): InfoNCE over token-region similarities, averaged over views."""
+    all_tokens, all_mask = gather_with_grad(tokens), gather_with_grad(token_mask)
+    losses = []
+    for v in range(view_regions.shape[1]):
+        reg = view_regions[:, v]
+        all_reg = gather_with_grad(reg)
+        rows = token_region_similarity(reg, all_tokens, all_mask, cfg.attn_temperature, cfg.token_pool,
+                                       cfg.lse_gamma, cfg.kernel)                       # (b, W*b)
+        cols = token_region_similarity(all_reg, tokens, token_mask, cfg.attn_temperature, cfg.token_pool,
+                                       cfg.lse_gamma, cfg.kernel).t()                   # (b, W*b)
+        losses.append(contrastive_from_logits(rows / cfg.local_temperature, cols / cfg.local_temperature))
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
+    """SwAV Sinkhorn-Knopp on (B,K) scores -> (B,K) soft assignments with equal prototype mass
+    over the global batch (sums are all-reduced across ranks)."""
+    q = torch.exp((scores.float() - scores.float().max()) / epsilon).t()    # (K,B)
+    k = q.shape[0]
+    b = all_reduce_sum(torch.tensor([float(q.shape[1])], device=q.device)).item()
+    q = q / all_reduce_sum(q.sum().reshape(1)).clamp_min(1e-30)
+    for _ in range(iters):
+        q = q / all_reduce_sum(q.sum(1, keepdim=True)).clamp_min(1e-30) / k
+        q = q / q.sum(0, keepdim=True).clamp_min(1e-30) / b
+    return (q * b).t()
+
+
+def consistency_loss(view_scores: torch.Tensor, cfg: TMAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """view_scores (B,V,K): swapped prediction over all ordered view pairs (u != v), so the term
+    is invariant to the order of the views. Returns (loss, entropy of the mean assignment)."""
+    b, v, k = view_scores.shape
+    if v < 2:
+        raise ValueError(f"consistency needs >= 2 views per volume, got {v}")
+    targets = [sinkhorn(view_scores[:, u], cfg.sinkhorn_epsilon, cfg.sinkhorn_iters) for u in range(v)]
+    logp = F.log_softmax(view_scores.float() / cfg.student_temperature, dim=-1)
+    total, n = 0.0, 0
+    for u in range(v):
+        for w in range(v):
+            if u != w:
+                total = total + (-(targets[u] * logp[:, w]).sum(-1)).mean()
+                n += 1
+    p_mean = logp.exp().mean((0, 1))
+    entropy = -(p_mean * p_mean.clamp_min(1e-12).log()).sum()
+    return total / n, entropy.detach()
+
+
+class T3DLoss:
+    """Combines the terms from a model output dict; returns (total, {term: value})."""
+
+    def __init__(self, cfg: TMAConfig):
+        self.cfg = cfg
+
+    def __call__(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.cfg
+        terms: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=out["img"].device)
+        if c.w_clip > 0:
+            terms["clip"] = clip_loss(out["img"], out["txt"], out["logit_scale"])
+            total = total + c.w_clip * terms["clip"]
+        if c.enabled and "view_regions" in out:
+            vr, tok, tm = out["view_regions"], out["tokens"], out["token_mask"]
+            if c.w_local > 0:
+                terms["local"] = local_alignment_loss(vr, tok, tm, c)
+                total = total + c.w_local * terms["local"]
+            if c.w_consistency > 0 and "view_scores" in out:
+                terms["consistency"], ent = consistency_loss(out["view_scores"], c)
+                total = total + c.w_consistency * terms["consistency"]
+                terms["proto_entropy"] = ent
+        logs = {k: float(v.detach()) for k, v in terms.items()}
+        logs["loss"] = float(total.detach())
+        logs["temperature"] = float(1.0 / out["logit_scale"].detach())
+        return total, logs

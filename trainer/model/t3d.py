@@ -1,0 +1,94 @@
+"""T3D: image encoder + text encoder + heads into a shared space (no distributed code here)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import Config, ModelConfig, TMAConfig
+from trainer.model.image import ImageEncoder
+from trainer.model.text import TextEncoder
+
+
+def text_informed_pool(regions: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
+                       attn_temperature: float) -> torch.Tensor:
+    """Regions (B,N,D) weighted by their own report's tokens -> (B,D): each valid token's softmax
+    attention over the regions, averaged over tokens, gives a text-chosen mix of regions."""
+    a = (torch.einsum("bnd,bld->bln", regions.float(), tokens.float()) / attn_temperature).softmax(-1)
+    m = token_mask.float()
+    w = (a * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)   # (B,N)
+    return torch.einsum("bn,bnd->bd", w, regions.float())
+
+
+class T3D(nn.Module):
+    def __init__(self, mcfg: ModelConfig, tcfg: TMAConfig, vocab_size: int | None = None):
+        super().__init__()
+        self.image = ImageEncoder(mcfg)
+        self.text = TextEncoder(mcfg, vocab_size)
+        ci, ct, e, dl = self.image.out_dim, self.text.out_dim, mcfg.embed_dim, mcfg.local_dim
+        self.img_proj = nn.Linear(ci, e)
+        self.txt_proj = nn.Linear(ct, e)
+        self.img_local = nn.Linear(ci, dl)        # regions -> token space (TMA)
+        self.txt_local = nn.Linear(ct, dl)        # tokens -> token space (TMA)
+        self.view_proj = nn.Sequential(nn.Linear(dl, dl), nn.GELU(), nn.Linear(dl, e))  # pooled view -> prototypes
+        # a direct parameter of the root module: ZeRO-3 gathers it in T3D.forward's hook
+        self.prototypes = nn.Parameter(torch.randn(tcfg.prototypes, e) / math.sqrt(e))
+        self.tcfg = tcfg
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / mcfg.init_temperature)]))  # 1-d: DeepSpeed broadcasts bytes
+
+    # ----------------------------------------------------------------------------- encoders
+    def encode_image(self, x: torch.Tensor):
+        """x (B,1,D,H,W) -> normalized global (B,E), normalized regions (B,N,Dl)."""
+        g, local, _ = self.image(x)
+        return F.normalize(self.img_proj(g), dim=-1), F.normalize(self.img_local(local), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """-> normalized report (B,E), normalized tokens (B,L,Dl), token mask (B,L) without CLS/SEP/PAD."""
+        cls, tokens = self.text(input_ids, attention_mask)
+        tmask = attention_mask.clone()
+        tmask[:, 0] = 0
+        last = attention_mask.sum(1) - 1                      # [SEP] position
+        tmask[torch.arange(len(last), device=last.device), last] = 0
+        return (F.normalize(self.txt_proj(cls), dim=-1), F.normalize(self.txt_local(tokens), dim=-1),
+                tmask.to(tokens.dtype))
+
+    def prototype_scores(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled view features (..., Dl) -> cosine scores with the prototypes (..., K).
+        Call only from forward (ZeRO-3 partitions parameters outside it)."""
+        z = F.normalize(self.view_proj(pooled), dim=-1)
+        return z @ F.normalize(self.prototypes, dim=-1).t().to(z.dtype)
+
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                views: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """image (B,1,D,H,W); views (B,V,1,d,h,w) or None. Returns every tensor the losses need."""
+        img, _ = self.encode_image(image)
+        txt, tokens, tmask = self.encode_text(input_ids, attention_mask)
+        out = {"img": img, "txt": txt, "tokens": tokens, "token_mask": tmask,
+               "logit_scale": self.logit_scale.clamp(0, math.log(100.0)).exp()[0]}
+        if views is not None and views.shape[1] > 0:
+            b, v = views.shape[:2]
+            vg, vr = self.encode_image(views.flatten(0, 1))
+            out["view_global"] = vg.view(b, v, -1)
+            out["view_regions"] = vr = vr.view(b, v, vr.shape[1], vr.shape[2])
+            if v >= 2 and self.tcfg.enabled and self.tcfg.w_consistency > 0:
+                if self.tcfg.consistency_on == "text_informed":
+                    pooled = torch.stack([text_informed_pool(vr[:, k], tokens, tmask, self.tcfg.attn_temperature)
+                                          for k in range(v)], 1)
+                else:
+                    pooled = vr.float().mean(2)
+                out["view_scores"] = self.prototype_scores(pooled.to(vr.dtype))
+        return out
+
+
+def build_model(cfg: Config, vocab_size: int | None = None) -> T3D:
+    return T3D(cfg.model, cfg.tma, vocab_size)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    parts = {"image": model.image, "text": model.text}
+    out = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+    out["total"] = sum(p.numel() for p in model.parameters())
+    out["heads"] = out["total"] - out["image"] - out["text"]
+    return out

@@ -1,0 +1,157 @@
+"""T3D pretraining on a Ray cluster: Ray Train TorchTrainer x DeepSpeed ZeRO workers.
+
+    python -m trainer.pretrain --config configs/debug.yaml [--set train.steps=100 ...]
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python -m trainer.pretrain --config configs/debug.yaml
+
+Connects to the cluster in RAY_ADDRESS (set by `ray job submit`) or ``ray.address``, else
+starts a local Ray. Run folder: ``{train.output_dir}/{train.run_name}`` holds the resolved
+config, the tokenizer, Ray Train's checkpoints (``step_XXXXXXX/`` with ``export/``) and the
+MLflow run id, so re-running the same command resumes the same run and MLflow run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from trainer.config import Config, add_config_args, load_config, save_config
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def resolve_paths(cfg: Config) -> Config:
+    cfg.data.shards = str(Path(cfg.data.shards).expanduser().resolve())
+    cfg.train.output_dir = str(Path(cfg.train.output_dir).expanduser().resolve())
+    if cfg.model.text_encoder:
+        cfg.model.text_encoder = str(Path(cfg.model.text_encoder).expanduser().resolve())
+    return cfg
+
+
+def prepare_tokenizer(cfg: Config, run_dir: Path) -> str:
+    """The run's tokenizer: the text encoder's own, or WordPiece trained on the train reports."""
+    out = run_dir / "tokenizer"
+    if (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file():
+        return str(out)
+    if cfg.model.text_encoder:
+        from trainer.model.text import load_tokenizer
+
+        load_tokenizer(cfg.model.text_encoder).save_pretrained(str(out))
+    else:
+        from data_service.shards import iter_split
+        from trainer.model.text import build_tokenizer
+
+        reports = [s["report"] for s in iter_split(cfg.data.shards, "train", decode_ct=False)]
+        build_tokenizer(reports, cfg.model.vocab_size, out)
+    return str(out)
+
+
+def mlflow_run(cfg: Config, run_dir: Path) -> tuple[str | None, str | None]:
+    """(tracking uri, run id); the id is kept in the run folder so resumes log to the same run."""
+    uri = cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return None, None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    id_file = run_dir / "mlflow_run_id"
+    if id_file.is_file():
+        return uri, id_file.read_text().strip()
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    run = client.create_run(exp_id, run_name=cfg.train.run_name, tags={"run_dir": str(run_dir)})
+    flat = _flatten(cfg.to_dict())
+    for i in range(0, len(flat), 100):
+        from mlflow.entities import Param
+
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in list(flat.items())[i:i + 100]])
+    id_file.write_text(run.info.run_id)
+    return uri, run.info.run_id
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # Ray Data only budgets CPUs Train did not reserve: start with more logical CPUs than cores
+    # so that workers and the decode actors both get scheduled (docs/design.md).
+    n = cfg.ray.num_cpus or max(8, 4 * (os.cpu_count() or 2))
+    ray.init(num_cpus=n, include_dashboard=False, object_store_memory=cfg.data.object_store_mb * 2**20)
+
+
+def fit(cfg: Config, log_samples: bool = False):
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainer.loop import train_loop
+
+    cfg = resolve_paths(cfg)
+    run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    tok_dir = prepare_tokenizer(cfg, run_dir)
+    uri, run_id = mlflow_run(cfg, run_dir)
+    init_ray(cfg)
+    loop_cfg = {"config": cfg.to_dict(), "tokenizer_dir": tok_dir, "run_dir": str(run_dir),
+                "mlflow_uri": uri, "mlflow_run_id": run_id, "log_samples": log_samples}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        run_config=RunConfig(name=cfg.train.run_name, storage_path=cfg.train.output_dir,
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
+    evaluator = None
+    if cfg.eval.enabled:
+        from evaluators.actor import EvalThread
+
+        evaluator = EvalThread(str(run_dir), cfg.data.shards, list(cfg.eval.tasks), uri, cfg.eval.cpus,
+                               cfg.eval.every_n_checkpoints, cfg.eval.poll_seconds).start()
+    result = trainer.fit()
+    if evaluator is not None:
+        evaluator.finish()
+    if uri and run_id:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(uri).set_terminated(run_id, "FINISHED" if result.error is None else "FAILED")
+    return result, run_dir, uri, run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.pretrain", description=__doc__.split("\n")[0])
+    add_config_args(p)
+    p.add_argument("--log-samples", action="store_true", help="write the keys each rank trained on")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    result, run_dir, uri, run_id = fit(cfg, a.log_samples)
+    ckpts = sorted(p.name for p in run_dir.glob("step_*") if (p / "export").is_dir())
+    summary = {"run_dir": str(run_dir), "checkpoints": ckpts, "final_metrics": result.metrics,
+               "mlflow_uri": uri, "mlflow_run_id": run_id,
+               "error": None if result.error is None else str(result.error)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print("[t3d] " + json.dumps(summary, default=str), flush=True)
+    return 0 if result.error is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
