@@ -72,6 +72,16 @@ def _wait(url: str, seconds: float, what: str) -> None:
     raise RuntimeError(f"{what} did not answer at {url} within {seconds:.0f} s")
 
 
+def start_mlflow(sd: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``mlflow server`` on loopback: sqlite backend, proxied artifacts, log in ``sd/mlflow.log``.
+    Returns at once; wait for ``/health`` before use. Stop it with ``os.killpg(proc.pid, SIGTERM)``."""
+    (sd / "mlartifacts").mkdir(parents=True, exist_ok=True)
+    log = open(sd / "mlflow.log", "ab")
+    cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{sd / 'mlflow.db'}",
+           "--artifacts-destination", str(sd / "mlartifacts"), "--host", HOST, "--port", str(port), "--workers", "1"]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env or _env())
+
+
 def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port: int,
        object_store_mb: int) -> dict:
     sd.mkdir(parents=True, exist_ok=True)
@@ -97,12 +107,7 @@ def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port:
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"ray start failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    (sd / "mlartifacts").mkdir(exist_ok=True)
-    log = open(sd / "mlflow.log", "ab")
-    mcmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{sd / 'mlflow.db'}",
-            "--artifacts-destination", str(sd / "mlartifacts"), "--host", HOST, "--port", str(mlflow_port),
-            "--workers", "1"]
-    proc = subprocess.Popen(mcmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    proc = start_mlflow(sd, mlflow_port, env)
     st = {"ray_address": f"{HOST}:{ray_port}", "dashboard": f"http://{HOST}:{dashboard_port}",
           "mlflow_uri": f"http://{HOST}:{mlflow_port}", "mlflow_pid": proc.pid, "ray_temp_dir": str(tmp),
           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}

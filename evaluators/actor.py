@@ -1,6 +1,6 @@
 """Continuous evaluation: a Ray actor scores each new checkpoint of a run, once per task.
 
-    python -m evaluators.actor --run-dir RUN --data SHARDS [--tasks zeroshot,retrieval] [--follow]
+    python -m evaluators.actor --run-dir RUN --data SHARDS [--tasks all] [--follow] [--registry-name t3d]
 
 The ledger (``{run_dir}/eval_ledger.jsonl``, one line per checkpoint x task) makes the work
 idempotent: a restarted evaluator skips what is recorded and redoes nothing. The actor has its own
@@ -23,17 +23,19 @@ class Ledger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def done(self) -> set[tuple[str, str]]:
+    def records(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
-            return set()
-        out = set()
+            return []
+        out = []
         for line in self.path.read_text().splitlines():
             try:
-                r = json.loads(line)
+                out.append(json.loads(line))
             except json.JSONDecodeError:        # a torn last line from a crash: that work is redone
                 continue
-            out.add((r["checkpoint"], r["task"]))
         return out
+
+    def done(self) -> set[tuple[str, str]]:
+        return {(r["checkpoint"], r["task"]) for r in self.records()}
 
     def record(self, checkpoint: str, task: str, step: int, metrics: dict[str, float],
                error: str | None = None) -> None:
@@ -52,12 +54,18 @@ def ready_checkpoints(run_dir: str | Path, every_n: int = 1) -> list[Path]:
 
 
 def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None,
-                     every_n: int = 1, fail_marker: str | None = None) -> list[dict[str, Any]]:
-    """Score every (checkpoint, task) not in the ledger; returns what was newly scored."""
+                     every_n: int = 1, fail_marker: str | None = None, best_metric: str | None = None,
+                     registry_name: str | None = None) -> list[dict[str, Any]]:
+    """Score every (checkpoint, task) not in the ledger; returns what was newly scored.
+
+    Each result goes to the ledger, to ``step_X/eval/`` (tables, ROC curves) and, with a tracking
+    URI, to the checkpoint's MLflow run at its training step. After new results, the metric-over-
+    checkpoints plot is refreshed and the best checkpoint on ``best_metric`` registered."""
+    from evaluators.artifacts import log_result, write_artifacts
     from evaluators.score import score_checkpoint
 
     ledger = Ledger(Path(run_dir) / "eval_ledger.jsonl")
-    done, new = ledger.done(), []
+    done, new, run_id = ledger.done(), [], None
     for ck in ready_checkpoints(run_dir, every_n):
         for task in tasks:
             if (ck.name, task) in done:
@@ -67,21 +75,44 @@ def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: st
                 os._exit(1)
             try:
                 r = score_checkpoint(ck, shards, [task])
-            except ValueError as e:            # e.g. a split or label missing: record, do not retry forever
-                ledger.record(ck.name, task, -1, {}, error=str(e)[:500])
+            except (ValueError, FileNotFoundError) as e:
+                # a split/label/mask missing, or the checkpoint rotated away (train.keep_checkpoints):
+                # recorded with its reason, not retried forever
+                if isinstance(e, FileNotFoundError) and ck.exists():
+                    raise
+                ledger.record(ck.name, task, -1, {}, error=f"{type(e).__name__}: {e}"[:500])
                 new.append({"checkpoint": ck.name, "task": task, "step": None, "error": str(e)[:200]})
                 continue
+            art = write_artifacts(r, ck / "eval")
             if mlflow_uri and r["mlflow_run_id"]:
-                from mlflow.entities import Metric
-                from mlflow.tracking import MlflowClient
-
-                ts = int(time.time() * 1000)
-                MlflowClient(mlflow_uri).log_batch(r["mlflow_run_id"], metrics=[
-                    Metric(k.replace("@", "_at_"), v, ts, int(r["step"])) for k, v in r["metrics"].items()
-                    if math.isfinite(v)])
+                log_result(mlflow_uri, r, art)
+                run_id = r["mlflow_run_id"]
             ledger.record(ck.name, task, int(r["step"]), r["metrics"])
             new.append({"checkpoint": ck.name, "task": task, "step": r["step"]})
+    if new and mlflow_uri and run_id:
+        publish_run_summary(run_dir, ledger, mlflow_uri, run_id, best_metric, registry_name)
     return new
+
+
+def publish_run_summary(run_dir: str, ledger: Ledger, uri: str, run_id: str, best_metric: str | None,
+                        registry_name: str | None) -> None:
+    """Metric-over-checkpoints PNG to ``eval/`` of the run; the best checkpoint to the registry.
+    An MLflow hiccup here is printed, never raised: the scores are already in the ledger."""
+    from mlflow.tracking import MlflowClient
+
+    from evaluators.artifacts import plot_over_checkpoints, register_best
+
+    try:
+        png = plot_over_checkpoints(ledger.records(), Path(run_dir) / "metrics_over_checkpoints.png")
+        if png is not None:
+            MlflowClient(uri).log_artifact(run_id, str(png), "eval")
+        if best_metric and registry_name:
+            reg = register_best(uri, run_id, run_dir, ledger.records(), best_metric, registry_name)
+            if reg:
+                print(f"[eval] registered {reg['name']} v{reg['version']}: {reg['checkpoint']} "
+                      f"({best_metric}={reg[best_metric]:.4f}), alias 'best'", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"[eval] MLflow summary failed (scores are in the ledger): {type(e).__name__}: {e}", flush=True)
 
 
 def make_actor(cpus: float):
@@ -97,7 +128,8 @@ def make_actor(cpus: float):
 
 def watch(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None, cpus: float = 0.5,
           every_n: int = 1, follow: bool = False, poll_s: float = 10.0, fail_marker: str | None = None,
-          max_crashes: int = 5) -> list[dict[str, Any]]:
+          max_crashes: int = 5, best_metric: str | None = None,
+          registry_name: str | None = None) -> list[dict[str, Any]]:
     """Call the actor until no work is left (or forever with ``follow``); survive its crashes."""
     import ray
     from ray.exceptions import RayActorError
@@ -105,7 +137,8 @@ def watch(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None, c
     actor, scored, crashes = make_actor(cpus), [], 0
     while True:
         try:
-            new = ray.get(actor.poll.remote(run_dir, shards, tasks, mlflow_uri, every_n, fail_marker))
+            new = ray.get(actor.poll.remote(run_dir, shards, tasks, mlflow_uri, every_n, fail_marker,
+                                            best_metric, registry_name))
         except RayActorError as e:
             crashes += 1
             print(f"[eval] evaluator crashed ({crashes}/{max_crashes}); Ray restarts it: {str(e)[:200]}", flush=True)
@@ -126,16 +159,17 @@ class EvalThread:
     """Runs ``watch`` beside a training job in the driver; never raises into the trainer."""
 
     def __init__(self, run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None, cpus: float,
-                 every_n: int, poll_s: float):
+                 every_n: int, poll_s: float, best_metric: str | None = None, registry_name: str | None = None):
         import threading
 
         self.args = (run_dir, shards, tasks, mlflow_uri, cpus, every_n)
+        self.kw = {"best_metric": best_metric, "registry_name": registry_name}
         self.poll_s, self.stop = poll_s, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="t3d-evaluator")
 
     def _once(self) -> None:
         try:
-            watch(*self.args, follow=False)
+            watch(*self.args, follow=False, **self.kw)
         except Exception as e:  # the evaluator must never take the training run down
             print(f"[eval] evaluator error (training unaffected): {type(e).__name__}: {e}", flush=True)
 
@@ -158,17 +192,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m evaluators.actor", description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--tasks", default="zeroshot,retrieval")
+    p.add_argument("--tasks", default="all", help="comma list or 'all'")
     p.add_argument("--every-n", type=int, default=1, help="score every n-th checkpoint")
     p.add_argument("--cpus", type=float, default=0.5)
     p.add_argument("--follow", action="store_true", help="keep watching for new checkpoints")
     p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    p.add_argument("--best-metric", default="zeroshot/mean_auc", help="register the best checkpoint on this")
+    p.add_argument("--registry-name", default=None, help="MLflow registered model (default: no registration)")
     a = p.parse_args(argv)
     import ray
 
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
-    scored = watch(a.run_dir, a.data, [t.strip() for t in a.tasks.split(",")], a.mlflow_uri, a.cpus,
-                   a.every_n, a.follow)
+    from trainer.config import EVAL_TASKS
+
+    tasks = list(EVAL_TASKS) if a.tasks == "all" else [t.strip() for t in a.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in EVAL_TASKS]
+    if bad:
+        raise SystemExit(f"--tasks: unknown task(s) {bad}; available: {list(EVAL_TASKS)}")
+    scored = watch(a.run_dir, a.data, tasks, a.mlflow_uri, a.cpus, a.every_n, a.follow,
+                   best_metric=a.best_metric, registry_name=a.registry_name)
     print(f"[eval] {len(scored)} new (checkpoint, task) results; ledger {Path(a.run_dir) / 'eval_ledger.jsonl'}")
     return 0
 

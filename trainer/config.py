@@ -138,6 +138,9 @@ class RayConfig:
     num_cpus: int = 0                           # logical CPUs for a locally started Ray (0 = auto)
 
 
+EVAL_TASKS = ("zeroshot", "retrieval", "probe", "reportgen", "segmentation")
+
+
 @dataclass
 class EvalConfig:
     enabled: bool = False                       # evaluator actor alongside the training job
@@ -148,8 +151,14 @@ class EvalConfig:
     split_test: str = "test"
     bootstrap: int = 200
     cpus: float = 0.5
-    seg_steps: int = 30
+    seg_steps: int = 30                         # fine-tuning steps, pretrained and random init alike
+    seg_classes: list[str] = field(default_factory=lambda: ["lung", "heart", "aorta", "bone"])  # mask value i+1
+    seg_roi: list[int] = field(default_factory=list)   # train on random crops, infer by sliding window; [] = whole
+    seg_lr: float = 1e-3
     reportgen_steps: int = 60
+    reportgen_lr: float = 1e-3
+    best_metric: str = "zeroshot/mean_auc"       # higher is better; its best checkpoint is registered
+    registry_name: str = ""                      # MLflow registered model ("" = train.run_name)
 
 
 @dataclass
@@ -195,6 +204,14 @@ class Config:
             raise ConfigError(f"train.batch_size: must be >= 1, got {self.train.batch_size}")
         if len(self.model.image_layers) != 4 or len(self.model.image_widths) != 4:
             raise ConfigError("model.image_layers / model.image_widths: need 4 entries each")
+        for t in self.eval.tasks:
+            _check_choice("eval.tasks", t, EVAL_TASKS)
+        if self.eval.seg_roi and len(self.eval.seg_roi) != 3:
+            raise ConfigError(f"eval.seg_roi: expected [] or 3 values, got {self.eval.seg_roi!r}")
+        if not self.eval.seg_classes:
+            raise ConfigError("eval.seg_classes: need at least one class name")
+        if self.eval.every_n_checkpoints < 1:
+            raise ConfigError(f"eval.every_n_checkpoints: must be >= 1, got {self.eval.every_n_checkpoints}")
         return self
 
 

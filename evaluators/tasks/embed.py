@@ -30,3 +30,21 @@ def embed_split(model, tokenizer, cfg, shards: str, split: str, batch: int = 8) 
             lab = s["meta"].get("labels")
             labels.append([lab[f] for f in FINDINGS] if lab else [np.nan] * len(FINDINGS))
     return {"img": torch.cat(imgs), "txt": torch.cat(txts), "labels": np.array(labels, float), "keys": keys}
+
+
+def load_volumes(cfg, shards: str, split: str, masks: bool = False) -> dict[str, Any]:
+    """One split as tensors: x (N,1,D,H,W) normalized CT, reports, keys and (``masks``) y, a list of
+    (1,D,H,W) int64 label maps. Raises ValueError naming the split (empty) or the sample (no mask)."""
+    xs, ys, reports, keys = [], [], [], []
+    for s in iter_split(shards, split):
+        if masks and s.get("mask") is None:
+            raise ValueError(f"{shards}: sample {s['key']!r} in split {split!r} has no mask.npz; segmentation "
+                             "needs organ masks on every train/test study (ingest with masks)")
+        xs.append(normalize_hu(torch.from_numpy(s["ct"].astype(np.float32)), cfg.data.hu_window)[None])
+        if masks:
+            ys.append(torch.from_numpy(s["mask"].astype(np.int64))[None])
+        reports.append(s["report"])
+        keys.append(s["key"])
+    if not xs:
+        raise ValueError(f"{shards}: split {split!r} is empty")
+    return {"x": torch.stack(xs), "y": ys, "reports": reports, "keys": keys}

@@ -19,7 +19,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path |
     reports gave different vocabularies in different processes; this one is reproducible."""
     from collections import Counter
 
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -41,6 +41,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path |
     tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]",
                                      continuing_subword_prefix="##"))
     tok.normalizer, tok.pre_tokenizer = norm, pre
+    tok.decoder = decoders.WordPiece()           # '##' pieces join back into words on decode
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
