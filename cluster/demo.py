@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         "--set", f"train.run_name={run_name}", "--set", f"train.steps={a.steps}",
         "--set", f"deepspeed.zero_stage={a.zero}", "--set", "ray.num_workers=2",
         "--set", f"tracking.mlflow_uri={st['mlflow_uri']}", "--set", "eval.enabled=true",
-        "--set", "eval.tasks=[zeroshot,retrieval,probe]", "--set", "eval.poll_seconds=10"], env)
+        "--set", "eval.tasks=[zeroshot,retrieval,probe,reportgen,segmentation]",
+        "--set", "eval.poll_seconds=10"], env)
     run_dir = runs / run_name
     summary = json.loads((run_dir / "summary.json").read_text())
     ckpts = sorted(run_dir.glob("step_*"))
@@ -68,8 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoints    {', '.join(c.name for c in ckpts)}")
     for r in ledger:   # scored by the evaluator actor while the job ran
         m = r["metrics"]
-        head = {k: round(v, 3) for k, v in m.items() if k.endswith(("mean_auc", "i2t_R@1", "t2i_R@1", "mean_f1"))}
-        print(f"  eval {r['checkpoint']} {r['task']:9s} " + (f"FAILED: {r['error']}" if r.get("error") else str(head)))
+        head = {k.split("/", 1)[1]: round(v, 3) for k, v in m.items()
+                if k.endswith(("mean_auc", "i2t_R@1", "t2i_R@1", "mean_f1", "bleu4", "meteor", "rouge_l", "mean_dice"))}
+        print(f"  eval {r['checkpoint']} {r['task']:12s} " + (f"FAILED: {r['error']}" if r.get("error") else str(head)))
+    client = MlflowClient(st["mlflow_uri"])
+    try:
+        mv = client.get_model_version_by_alias(run_name, "best")
+        print(f"registered     model '{run_name}' v{mv.version} (alias 'best') = {mv.tags.get('checkpoint')}, "
+              f"{mv.tags.get('metric')}={mv.tags.get('value')}")
+    except Exception as e:  # noqa: BLE001 - the summary reports it, the run is done
+        print(f"registered     none ({type(e).__name__}: {str(e)[:120]})")
+    print(f"eval artifacts {run_dir}/step_*/eval/ (tables, ROC curves, generated reports), "
+          f"{run_dir}/metrics_over_checkpoints.png; in MLflow under eval/")
     print(f"MLflow         {st['mlflow_uri']}  (experiment 't3d', run {summary['mlflow_run_id']})")
     print(f"Ray dashboard  {st['dashboard']}")
     print(f"took           {time.time() - t0:.0f} s;  stop the cluster with `make down`")

@@ -144,7 +144,7 @@ EVAL_TASKS = ("zeroshot", "retrieval", "probe", "reportgen", "segmentation")
 @dataclass
 class EvalConfig:
     enabled: bool = False                       # evaluator actor alongside the training job
-    tasks: list[str] = field(default_factory=lambda: ["zeroshot", "retrieval", "probe"])
+    tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))
     every_n_checkpoints: int = 1
     poll_seconds: float = 15.0
     split_threshold: str = "valid"

@@ -51,3 +51,25 @@ def test_crashed_actor_is_restarted(run_dir, phantom):
     assert marker.is_file(), "the evaluator did not crash"
     assert sorted(n["checkpoint"] for n in scored) == ["step_0000007", "step_0000014"]
     assert len((run_dir / "eval_ledger.jsonl").read_text().splitlines()) == 2
+
+
+def test_rotated_checkpoint_is_recorded_not_retried(run_dir, phantom, monkeypatch):
+    """Ray Train deletes old checkpoints (train.keep_checkpoints): one that vanishes before it is
+    scored gets a ledger line saying so, and the evaluator carries on with the rest."""
+    import shutil
+
+    import evaluators.score as score
+
+    real = score.score_checkpoint
+
+    def rotate_first(ck, *a, **kw):
+        if ck.name == "step_0000007":
+            shutil.rmtree(ck)
+        return real(ck, *a, **kw)
+
+    monkeypatch.setattr(score, "score_checkpoint", rotate_first)
+    new = evaluate_pending(str(run_dir), str(phantom / "shards"), ["retrieval"], None)
+    assert [(n["checkpoint"], bool(n.get("error"))) for n in new] == [("step_0000007", True), ("step_0000014", False)]
+    rec = Ledger(run_dir / "eval_ledger.jsonl").records()
+    assert rec[0]["error"].startswith("FileNotFoundError") and rec[1]["error"] is None
+    assert evaluate_pending(str(run_dir), str(phantom / "shards"), ["retrieval"], None) == []

@@ -45,8 +45,8 @@ def test_linear_probe_separable_and_noise():
     assert r["easy"] > 0.97 and 0.3 < r["noise"] < 0.7
 
 
-def _plain_export(tmp_path, step: int = 7):
-    """A checkpoint export written the way trainer.engine.export writes one."""
+def _plain_export(tmp_path, step: int = 7, seed: int = 0, info: dict | None = None, texts: list[str] | None = None):
+    """A checkpoint export written the way trainer.engine.export writes one (random weights)."""
     from safetensors.torch import save_file
 
     from trainer.config import load_config, save_config
@@ -55,13 +55,13 @@ def _plain_export(tmp_path, step: int = 7):
 
     cfg = load_config(REPO / "configs/debug.yaml")
     out = tmp_path / f"step_{step:07d}" / "export"
-    tok = build_tokenizer(["Cardiomegaly is present.", "No pleural effusion.", "Lung nodule is not present."],
-                          200, out / "tokenizer")
-    torch.manual_seed(0)
+    tok = build_tokenizer(texts or ["Cardiomegaly is present.", "No pleural effusion.", "Lung nodule is not present."],
+                          2000 if texts else 200, out / "tokenizer")
+    torch.manual_seed(seed)
     model = build_model(cfg, len(tok))
     save_file(model.state_dict(), str(out / "model.safetensors"))
     save_config(cfg, out / "config.yaml")
-    (out / "export.json").write_text(json.dumps({"step": step}))
+    (out / "export.json").write_text(json.dumps({"step": step, **(info or {})}))
     return out.parent
 
 

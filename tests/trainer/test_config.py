@@ -36,3 +36,14 @@ def test_wrong_type_and_value_rejected():
         load_config(None, ["data.spacing=[1, 1]"])
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(None, ["train.steps"])
+
+
+def test_eval_section_is_checked():
+    cfg = load_config(None, ["eval.tasks=[zeroshot,segmentation]", "eval.seg_roi=[64,64,32]"])
+    assert cfg.eval.tasks == ["zeroshot", "segmentation"] and cfg.eval.seg_roi == [64, 64, 32]
+    with pytest.raises(ConfigError, match="eval.tasks: 'segmentaton' is not one of"):
+        load_config(None, ["eval.tasks=[segmentaton]"])
+    with pytest.raises(ConfigError, match="eval.seg_roi"):
+        load_config(None, ["eval.seg_roi=[64,64]"])
+    with pytest.raises(ConfigError, match="eval.every_n_checkpoints"):
+        load_config(None, ["eval.every_n_checkpoints=0"])

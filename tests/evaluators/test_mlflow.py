@@ -1,0 +1,110 @@
+"""Every task through the one-shot CLI; metrics by step, artifacts and the model registry in a real
+MLflow server on loopback."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from tests.evaluators.test_tasks import _plain_export
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    from cluster.local import HOST, _free_port, _wait, start_mlflow
+
+    port = _free_port()
+    proc = start_mlflow(tmp_path_factory.mktemp("mlflow"), port)
+    uri = f"http://{HOST}:{port}"
+    try:
+        _wait(uri + "/health", 120, "MLflow server")
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def phantom24(tmp_path_factory, debug_cfg):
+    """24 phantoms: enough valid and test studies for zero-shot thresholds and AUCs."""
+    from data_service import ingest, synth
+    from data_service.shards import iter_split
+
+    root = tmp_path_factory.mktemp("phantom24")
+    synth.generate(root / "raw", n=24, seed=5, valid_fraction=0.5)
+    ingest.run("ctrate", str(root / "raw"), str(root / "shards"), debug_cfg.data, workers=2, progress=False)
+    texts = [s["report"] for s in iter_split(root / "shards", "train", decode_ct=False)]
+    return root / "shards", texts
+
+
+def test_score_cli_all_tasks(phantom24, tmp_path, capsys):
+    from evaluators import score
+
+    shards, texts = phantom24
+    ck = _plain_export(tmp_path, 7, texts=texts)
+    out = tmp_path / "scores.json"
+    assert score.main(["--checkpoint", str(ck), "--data", str(shards), "--tasks", "all", "--bootstrap", "30",
+                       "--set", "eval.seg_steps=3", "--set", "eval.reportgen_steps=20", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())[0]
+    m = r["metrics"]
+    for k in ("zeroshot/mean_auc", "zeroshot/mean_f1", "retrieval/i2t_R@1", "retrieval/t2i_R@5", "probe/mean_auc",
+              "reportgen/bleu1", "reportgen/bleu4", "reportgen/meteor", "reportgen/rouge_l",
+              "segmentation/mean_dice", "segmentation/random_init/mean_dice", "segmentation/dice/lung"):
+        assert k in m and np.isfinite(m[k]), k
+    assert m["segmentation/steps"] == 3.0                      # the --set override reached the task
+    art = ck / "eval"
+    table = (art / "zeroshot_auc_table.csv").read_text().splitlines()
+    assert table[0].startswith("label,") and len(table) == 1 + 18    # every label, scored or why not
+    assert (art / "zeroshot_roc.png").read_bytes()[:4] == b"\x89PNG"
+    samples = json.loads((art / "reportgen_samples.json").read_text())
+    assert len(samples) == int(json.loads((shards / "manifest.json").read_text())["counts"]["written_by_split"]["test"])
+    assert "reportgen/bleu4" in capsys.readouterr().out             # the printed table
+
+
+def test_unknown_task_is_named(phantom24, tmp_path):
+    from evaluators.score import score_checkpoint
+
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['segmentaton'\]"):
+        score_checkpoint(_plain_export(tmp_path), str(phantom24[0]), ["segmentaton"])
+
+
+def test_mlflow_metrics_artifacts_and_registry(phantom24, tmp_path, mlflow_uri):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from evaluators.actor import Ledger, evaluate_pending
+    from trainer.engine import load_export
+
+    shards, texts = phantom24
+    client = MlflowClient(mlflow_uri)
+    exp = client.create_experiment("eval-test")
+    run_id = client.create_run(exp).info.run_id
+    for step, seed in ((7, 1), (14, 2)):
+        _plain_export(tmp_path, step, seed=seed, info={"mlflow_run_id": run_id}, texts=texts)
+    new = evaluate_pending(str(tmp_path), str(shards), ["zeroshot", "retrieval"], mlflow_uri,
+                           best_metric="zeroshot/mean_auc", registry_name="t3d-eval-test")
+    assert len(new) == 4 and not any(n.get("error") for n in new)
+    recs = Ledger(tmp_path / "eval_ledger.jsonl").records()
+    by_step = {r["step"]: r["metrics"]["zeroshot/mean_auc"] for r in recs if r["task"] == "zeroshot"}
+    hist = client.get_metric_history(run_id, "zeroshot/mean_auc")
+    assert {h.step: h.value for h in hist} == pytest.approx(by_step)
+    assert [h.step for h in client.get_metric_history(run_id, "retrieval/i2t_R_at_1")] == [7, 14]
+    files = {f.path for f in client.list_artifacts(run_id, "eval/step_0000007")}
+    assert {"eval/step_0000007/zeroshot_roc.png", "eval/step_0000007/zeroshot_auc_table.csv"} <= files
+    assert "eval/metrics_over_checkpoints.png" in {f.path for f in client.list_artifacts(run_id, "eval")}
+    # the best checkpoint is a registered model version, with its weights, under the alias 'best'
+    best_step = max(by_step, key=lambda s: (by_step[s], -s))
+    mv = client.get_model_version_by_alias("t3d-eval-test", "best")
+    assert mv.tags["step"] == str(best_step) and mv.run_id == run_id
+    mlflow.set_tracking_uri(mlflow_uri)
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/checkpoints/step_{best_step:07d}",
+                                                dst_path=str(tmp_path / "dl"))
+    model, tok, cfg, info = load_export(local)
+    assert info["step"] == best_step
+    # nothing new: nothing scored twice, no new version
+    assert evaluate_pending(str(tmp_path), str(shards), ["zeroshot", "retrieval"], mlflow_uri,
+                            best_metric="zeroshot/mean_auc", registry_name="t3d-eval-test") == []
+    assert len(client.search_model_versions("name='t3d-eval-test'")) == 1
