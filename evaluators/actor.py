@@ -55,7 +55,7 @@ def ready_checkpoints(run_dir: str | Path, every_n: int = 1) -> list[Path]:
 
 def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None,
                      every_n: int = 1, fail_marker: str | None = None, best_metric: str | None = None,
-                     registry_name: str | None = None) -> list[dict[str, Any]]:
+                     registry_name: str | None = None, gpus: float = 0.0) -> list[dict[str, Any]]:
     """Score every (checkpoint, task) not in the ledger; returns what was newly scored.
 
     Each result goes to the ledger, to ``step_X/eval/`` (tables, ROC curves) and, with a tracking
@@ -115,10 +115,10 @@ def publish_run_summary(run_dir: str, ledger: Ledger, uri: str, run_id: str, bes
         print(f"[eval] MLflow summary failed (scores are in the ledger): {type(e).__name__}: {e}", flush=True)
 
 
-def make_actor(cpus: float):
+def make_actor(cpus: float, gpus: float = 0.0):
     import ray
 
-    @ray.remote(num_cpus=cpus, max_restarts=-1, max_task_retries=0)
+    @ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=0)
     class Evaluator:
         def poll(self, *args, **kw):
             return evaluate_pending(*args, **kw)
@@ -129,12 +129,12 @@ def make_actor(cpus: float):
 def watch(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None, cpus: float = 0.5,
           every_n: int = 1, follow: bool = False, poll_s: float = 10.0, fail_marker: str | None = None,
           max_crashes: int = 5, best_metric: str | None = None,
-          registry_name: str | None = None) -> list[dict[str, Any]]:
+          registry_name: str | None = None, gpus: float = 0.0) -> list[dict[str, Any]]:
     """Call the actor until no work is left (or forever with ``follow``); survive its crashes."""
     import ray
     from ray.exceptions import RayActorError
 
-    actor, scored, crashes = make_actor(cpus), [], 0
+    actor, scored, crashes = make_actor(cpus, gpus), [], 0
     while True:
         try:
             new = ray.get(actor.poll.remote(run_dir, shards, tasks, mlflow_uri, every_n, fail_marker,
@@ -159,11 +159,12 @@ class EvalThread:
     """Runs ``watch`` beside a training job in the driver; never raises into the trainer."""
 
     def __init__(self, run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None, cpus: float,
-                 every_n: int, poll_s: float, best_metric: str | None = None, registry_name: str | None = None):
+                 every_n: int, poll_s: float, best_metric: str | None = None, registry_name: str | None = None,
+                 gpus: float = 0.0):
         import threading
 
         self.args = (run_dir, shards, tasks, mlflow_uri, cpus, every_n)
-        self.kw = {"best_metric": best_metric, "registry_name": registry_name}
+        self.kw = {"best_metric": best_metric, "registry_name": registry_name, "gpus": gpus}
         self.poll_s, self.stop = poll_s, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="t3d-evaluator")
 
@@ -195,6 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default="all", help="comma list or 'all'")
     p.add_argument("--every-n", type=int, default=1, help="score every n-th checkpoint")
     p.add_argument("--cpus", type=float, default=0.5)
+    p.add_argument("--gpus", type=float, default=0.0, help="GPU share of the evaluator actor")
     p.add_argument("--follow", action="store_true", help="keep watching for new checkpoints")
     p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     p.add_argument("--best-metric", default="zeroshot/mean_auc", help="register the best checkpoint on this")
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
     if bad:
         raise SystemExit(f"--tasks: unknown task(s) {bad}; available: {list(EVAL_TASKS)}")
     scored = watch(a.run_dir, a.data, tasks, a.mlflow_uri, a.cpus, a.every_n, a.follow,
-                   best_metric=a.best_metric, registry_name=a.registry_name)
+                   best_metric=a.best_metric, registry_name=a.registry_name, gpus=a.gpus)
     print(f"[eval] {len(scored)} new (checkpoint, task) results; ledger {Path(a.run_dir) / 'eval_ledger.jsonl'}")
     return 0
 

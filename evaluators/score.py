@@ -100,13 +100,13 @@ def score_probe(model, tok, cfg, shards, extras: dict) -> dict[str, float]:
 
 
 def score_reportgen(model, tok, cfg, shards, extras: dict) -> dict[str, float]:
-    from evaluators.tasks.embed import load_volumes
-    from evaluators.tasks.reportgen import caption_metrics, image_memory, train_and_generate
+    from evaluators.tasks.embed import image_features, model_device
+    from evaluators.tasks.reportgen import caption_metrics, train_and_generate
 
-    tr, te = load_volumes(cfg, shards, "train"), load_volumes(cfg, shards, cfg.eval.split_test)
-    mem_tr, mem_te = image_memory(model, tr["x"]), image_memory(model, te["x"])
-    hyps, loss = train_and_generate(mem_tr, tr["reports"], mem_te, tok, cfg.data.max_text_tokens,
-                                    cfg.eval.reportgen_steps, cfg.train.seed, cfg.eval.reportgen_lr)
+    tr, te = image_features(model, cfg, shards, "train"), image_features(model, cfg, shards, cfg.eval.split_test)
+    hyps, loss = train_and_generate(tr["memory"], tr["reports"], te["memory"], tok, cfg.data.max_text_tokens,
+                                    cfg.eval.reportgen_steps, cfg.train.seed, cfg.eval.reportgen_lr,
+                                    device=model_device(model))
     m = caption_metrics(te["reports"], hyps)
     extras["reportgen_samples"] = [{"key": k, "reference": r, "generated": h}
                                    for k, r, h in zip(te["keys"], te["reports"], hyps)]
@@ -120,21 +120,21 @@ def score_segmentation(model, tok, cfg, shards, extras: dict) -> dict[str, float
 
     import torch
 
-    from evaluators.tasks.embed import load_volumes
+    from evaluators.tasks.embed import load_volumes, model_device, to_input
     from evaluators.tasks.segmentation import check_masks, finetune
     from trainer.model.image import ImageEncoder
 
     classes = list(cfg.eval.seg_classes)
-    tr = load_volumes(cfg, shards, "train", masks=True)
-    te = load_volumes(cfg, shards, cfg.eval.split_test, masks=True)
+    tr = load_volumes(shards, "train", masks=True)
+    te = load_volumes(shards, cfg.eval.split_test, masks=True)
     for d in (tr, te):
         check_masks(d["y"], d["keys"], len(classes))
-    ytr, yte = torch.stack(tr["y"]), torch.stack(te["y"])
-    e = cfg.eval
-    kw = dict(n_classes=len(classes), steps=e.seg_steps, seed=cfg.train.seed, lr=e.seg_lr, roi=list(e.seg_roi))
-    dice, loss = finetune(copy.deepcopy(model.image), tr["x"], ytr, te["x"], yte, **kw)
+    e, dev = cfg.eval, model_device(model)
+    kw = dict(n_classes=len(classes), steps=e.seg_steps, seed=cfg.train.seed, lr=e.seg_lr, roi=list(e.seg_roi),
+              prep=lambda hu: to_input(hu, cfg), device=dev)
+    dice, loss = finetune(copy.deepcopy(model.image), tr["hu"], tr["y"], te["hu"], te["y"], **kw)
     torch.manual_seed(cfg.train.seed + 1)
-    dice0, loss0 = finetune(ImageEncoder(cfg.model), tr["x"], ytr, te["x"], yte, **kw)
+    dice0, loss0 = finetune(ImageEncoder(cfg.model), tr["hu"], tr["y"], te["hu"], te["y"], **kw)
     out, table = {}, []
     for c, d, d0 in zip(classes, dice, dice0):
         table.append({"class": c, "dice_pretrained": float(d), "dice_random_init": float(d0)})
@@ -154,14 +154,21 @@ SCORERS = {"zeroshot": score_zeroshot, "retrieval": score_retrieval, "probe": sc
            "reportgen": score_reportgen, "segmentation": score_segmentation}
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def score_checkpoint(path: str | Path, shards: str, tasks: list[str], n_boot: int | None = None,
-                     overrides: list[str] | None = None) -> dict:
+                     overrides: list[str] | None = None, device: str | None = None) -> dict:
     """Load an export, score it on ``tasks``. ``overrides`` (``eval.seg_steps=100`` ...) change the
-    checkpoint's own config for this scoring. Returns {checkpoint, step, mlflow_run_id, metrics, extras}."""
+    checkpoint's own config for this scoring. ``device``: default a GPU when one is visible. Returns {checkpoint, step, mlflow_run_id, metrics, extras}."""
     from trainer.config import load_config
     from trainer.engine import load_export
 
     model, tok, cfg, info = load_export(path)
+    model.to(device or ("cuda" if _cuda() else "cpu"))
     if overrides:
         cfg = load_config(None, overrides, extra=cfg.to_dict())
     unknown = [t for t in tasks if t not in SCORERS]

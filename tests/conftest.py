@@ -9,6 +9,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = (REPO / ".." / "shared" / "realdata").resolve()
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# tests that need MLflow start their own server; never log to (or hang on) a developer's
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

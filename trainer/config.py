@@ -151,6 +151,7 @@ class EvalConfig:
     split_test: str = "test"
     bootstrap: int = 200
     cpus: float = 0.5
+    gpus: float = 0.0                           # the evaluator actor's GPU share (tasks use it when > 0)
     seg_steps: int = 30                         # fine-tuning steps, pretrained and random init alike
     seg_classes: list[str] = field(default_factory=lambda: ["lung", "heart", "aorta", "bone"])  # mask value i+1
     seg_roi: list[int] = field(default_factory=list)   # train on random crops, infer by sliding window; [] = whole

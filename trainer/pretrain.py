@@ -127,7 +127,7 @@ def fit(cfg: Config, log_samples: bool = False):
 
         evaluator = EvalThread(str(run_dir), cfg.data.shards, list(cfg.eval.tasks), uri, cfg.eval.cpus,
                                cfg.eval.every_n_checkpoints, cfg.eval.poll_seconds, cfg.eval.best_metric,
-                               cfg.eval.registry_name or cfg.train.run_name).start()
+                               cfg.eval.registry_name or cfg.train.run_name, cfg.eval.gpus).start()
     result = trainer.fit()
     if evaluator is not None:
         evaluator.finish()

@@ -86,8 +86,8 @@ class ReportDecoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, memory: torch.Tensor, bos: int, eos: int) -> list[list[int]]:
-        ids = torch.full((memory.shape[0], 1), bos, dtype=torch.long)
-        done = torch.zeros(memory.shape[0], dtype=torch.bool)
+        ids = torch.full((memory.shape[0], 1), bos, dtype=torch.long, device=memory.device)
+        done = torch.zeros(memory.shape[0], dtype=torch.bool, device=memory.device)
         for _ in range(self.max_len - 1):
             nxt = self.forward(memory, ids)[:, -1].argmax(-1)
             nxt[done] = eos
@@ -101,16 +101,9 @@ class ReportDecoder(nn.Module):
         return out
 
 
-@torch.no_grad()
-def image_memory(model, x: torch.Tensor) -> torch.Tensor:
-    """Frozen encoder features (B, 1 + N, C): the pooled token then every region of the last map."""
-    g, local, _ = model.image(x)
-    return torch.cat([g[:, None], local], 1)
-
-
 def train_and_generate(mem_train: torch.Tensor, reports_train: Sequence[str], mem_test: torch.Tensor,
                        tokenizer, max_len: int, steps: int, seed: int = 0, lr: float = 1e-3,
-                       batch: int = 16) -> tuple[list[str], float]:
+                       batch: int = 16, device: str | torch.device = "cpu") -> tuple[list[str], float]:
     """Fit a decoder on (memory, report) pairs, then write a report for each test memory.
     Returns (generated reports, mean loss of the last 10 steps)."""
     if len(reports_train) == 0 or len(mem_test) == 0:
@@ -119,14 +112,14 @@ def train_and_generate(mem_train: torch.Tensor, reports_train: Sequence[str], me
     torch.manual_seed(seed)
     enc = tokenizer(list(reports_train), padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
     ids, att = enc["input_ids"], enc["attention_mask"].bool()
-    dec = ReportDecoder(len(tokenizer), mem_train.shape[-1], max_len)
+    dec = ReportDecoder(len(tokenizer), mem_train.shape[-1], max_len).to(device)
     opt = torch.optim.AdamW(dec.parameters(), lr=lr, weight_decay=0.01)
     losses = []
     dec.train()
     for _ in range(steps):
         idx = torch.randperm(len(ids), generator=g)[:batch]
-        x, y, m = ids[idx, :-1], ids[idx, 1:], att[idx, 1:]
-        logits = dec(mem_train[idx], x, pad=~att[idx, :-1])
+        x, y, m = ids[idx, :-1].to(device), ids[idx, 1:].to(device), att[idx, 1:].to(device)
+        logits = dec(mem_train[idx].to(device), x, pad=~att[idx, :-1].to(device))
         loss = nn.functional.cross_entropy(logits[m], y[m])
         opt.zero_grad()
         loss.backward()
@@ -134,6 +127,8 @@ def train_and_generate(mem_train: torch.Tensor, reports_train: Sequence[str], me
         opt.step()
         losses.append(loss.item())
     dec.eval()
-    seqs = dec.generate(mem_test, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    seqs = []
+    for i in range(0, len(mem_test), batch):
+        seqs += dec.generate(mem_test[i:i + batch].to(device), tokenizer.cls_token_id, tokenizer.sep_token_id)
     texts = [tokenizer.decode(s, skip_special_tokens=True, clean_up_tokenization_spaces=True) for s in seqs]
     return texts, float(np.mean(losses[-10:])) if losses else float("nan")

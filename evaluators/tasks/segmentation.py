@@ -11,7 +11,7 @@ pretrained encoder and from a random one, with the same decoder initialisation, 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ def _out_channels(stage: nn.Module) -> int:
     return [m for m in stage.modules() if isinstance(m, nn.BatchNorm3d)][-1].num_features
 
 
-def check_masks(masks: Sequence[np.ndarray], keys: Sequence[str], n_classes: int) -> None:
+def check_masks(masks: Sequence[torch.Tensor], keys: Sequence[str], n_classes: int) -> None:
     for m, k in zip(masks, keys):
         hi = int(m.max())
         if hi > n_classes:
@@ -67,17 +67,20 @@ def check_masks(masks: Sequence[np.ndarray], keys: Sequence[str], n_classes: int
 
 def finetune(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
              test_y: torch.Tensor, n_classes: int, steps: int, seed: int = 0, lr: float = 1e-3,
-             batch: int = 2, roi: Sequence[int] = ()) -> tuple[np.ndarray, float]:
-    """x (N,1,D,H,W) float, y (N,1,D,H,W) int labels. Returns (Dice per class on test, NaN where the
-    class is absent from every test mask; mean loss of the last 5 steps). ``roi``: train on random
-    crops of this size and infer with a sliding window (empty: whole volumes)."""
+             batch: int = 2, roi: Sequence[int] = (), prep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             device: str | torch.device = "cpu") -> tuple[np.ndarray, float]:
+    """x (N,1,D,H,W), y (N,1,D,H,W) integer labels, kept on the CPU; ``prep`` turns a batch of x
+    into network input (e.g. int16 HU -> normalized float) on ``device``. Returns (Dice per class
+    on test, NaN where the class is absent from every test mask; mean loss of the last 5 steps).
+    ``roi``: train on random crops of this size and infer with a sliding window ([]: whole volumes)."""
     from monai.inferers import sliding_window_inference
     from monai.losses import DiceCELoss
 
     if len(train_x) == 0 or len(test_x) == 0:
         raise ValueError(f"segmentation needs train and test volumes with masks, got {len(train_x)} and {len(test_x)}")
+    prep = prep or (lambda t: t.float())
     torch.manual_seed(seed)                                      # same decoder init for every encoder
-    model = ResNetUNet(encoder, n_classes)
+    model = ResNetUNet(encoder, n_classes).to(device)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -88,6 +91,7 @@ def finetune(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, t
         x, y = train_x[idx], train_y[idx]
         if roi:
             x, y = _random_crop(x, y, roi, g)
+        x, y = prep(x.to(device)), y.to(device).long()
         loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -97,10 +101,10 @@ def finetune(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, t
     preds = []
     with torch.no_grad():
         for i in range(len(test_x)):
-            x = test_x[i:i + 1]
+            x = prep(test_x[i:i + 1].to(device))
             logits = sliding_window_inference(x, list(roi), 1, model) if roi else model(x)
-            preds.append(logits.argmax(1)[0])
-    dice = dice_per_class(preds, [y[0] for y in test_y], n_classes)
+            preds.append(logits.argmax(1)[0].cpu())
+    dice = dice_per_class(preds, [y[0].long() for y in test_y], n_classes)
     return dice, float(np.mean(losses[-5:])) if losses else float("nan")
 
 

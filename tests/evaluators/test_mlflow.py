@@ -72,7 +72,6 @@ def test_unknown_task_is_named(phantom24, tmp_path):
 
 
 def test_mlflow_metrics_artifacts_and_registry(phantom24, tmp_path, mlflow_uri):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from evaluators.actor import Ledger, evaluate_pending
@@ -99,9 +98,8 @@ def test_mlflow_metrics_artifacts_and_registry(phantom24, tmp_path, mlflow_uri):
     best_step = max(by_step, key=lambda s: (by_step[s], -s))
     mv = client.get_model_version_by_alias("t3d-eval-test", "best")
     assert mv.tags["step"] == str(best_step) and mv.run_id == run_id
-    mlflow.set_tracking_uri(mlflow_uri)
-    local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/checkpoints/step_{best_step:07d}",
-                                                dst_path=str(tmp_path / "dl"))
+    (tmp_path / "dl").mkdir()           # (no mlflow.set_tracking_uri: it leaks into later tests' env)
+    local = client.download_artifacts(run_id, f"checkpoints/step_{best_step:07d}", str(tmp_path / "dl"))
     model, tok, cfg, info = load_export(local)
     assert info["step"] == best_step
     # nothing new: nothing scored twice, no new version

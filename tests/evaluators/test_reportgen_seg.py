@@ -123,22 +123,22 @@ def _seg_cfg():
 
 def test_segmentation_learns_real_organs(realdata, tmp_path):
     from data_service import ingest
-    from evaluators.tasks.embed import load_volumes
+    from evaluators.tasks.embed import load_volumes, to_input
     from trainer.model.image import ImageEncoder
 
     cfg = _seg_cfg()
     shards = tmp_path / "shards"
     ingest.run("folder", str(_totalseg_folder(realdata, tmp_path)), str(shards), cfg.data, workers=1,
                progress=False)
-    tr, te = load_volumes(cfg, str(shards), "train", masks=True), load_volumes(cfg, str(shards), "test", masks=True)
-    y = tr["y"][0]
-    assert tr["x"].shape == (1, 1, 96, 96, 32) and set(torch.unique(y).tolist()) == {0, 1, 2, 3}
+    tr, te = load_volumes(str(shards), "train", masks=True), load_volumes(str(shards), "test", masks=True)
+    y = tr["y"][0].long()
+    assert tr["hu"].shape == (1, 1, 96, 96, 32) and set(torch.unique(y).tolist()) == {0, 1, 2, 3}
     # RAS after ingest (i grows toward the patient's right): the liver at high i, the spleen at low i
     ii = torch.arange(96)[:, None, None].expand(96, 96, 32)
     assert ii[y[0] == 1].float().mean() > ii[y[0] == 2].float().mean() + 20
     torch.manual_seed(0)
-    dice, loss = finetune(ImageEncoder(cfg.model), tr["x"], torch.stack(tr["y"]), te["x"], torch.stack(te["y"]),
-                          n_classes=3, steps=40, seed=0, lr=3e-3, batch=1)
+    dice, loss = finetune(ImageEncoder(cfg.model), tr["hu"], tr["y"], te["hu"], te["y"], n_classes=3, steps=40,
+                          seed=0, lr=3e-3, batch=1, prep=lambda hu: to_input(hu, cfg))
     assert dice[0] > 0.6, dice        # the liver, the largest organ, is learnt (same volume held out)
     assert np.isfinite(dice).all() and np.isfinite(loss)
 
@@ -152,6 +152,6 @@ def test_segmentation_needs_masks(realdata, tmp_path):
     ingest.run("folder", str(_totalseg_folder(realdata, tmp_path, with_mask_on_test=False)), str(shards),
                cfg.data, workers=1, progress=False)
     with pytest.raises(ValueError, match=r"sample 'b' in split 'test' has no mask.npz"):
-        load_volumes(cfg, str(shards), "test", masks=True)
+        load_volumes(str(shards), "test", masks=True)
     with pytest.raises(ValueError, match=r"split 'valid' has no samples"):
-        load_volumes(cfg, str(shards), "valid")
+        load_volumes(str(shards), "valid")
