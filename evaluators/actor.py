@@ -160,11 +160,12 @@ class EvalThread:
 
     def __init__(self, run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None, cpus: float,
                  every_n: int, poll_s: float, best_metric: str | None = None, registry_name: str | None = None,
-                 gpus: float = 0.0):
+                 gpus: float = 0.0, fail_marker: str | None = None):
         import threading
 
         self.args = (run_dir, shards, tasks, mlflow_uri, cpus, every_n)
-        self.kw = {"best_metric": best_metric, "registry_name": registry_name, "gpus": gpus}
+        self.kw = {"best_metric": best_metric, "registry_name": registry_name, "gpus": gpus,
+                   "fail_marker": fail_marker}
         self.poll_s, self.stop = poll_s, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="t3d-evaluator")
 

@@ -160,6 +160,7 @@ class EvalConfig:
     reportgen_lr: float = 1e-3
     best_metric: str = "zeroshot/mean_auc"       # higher is better; its best checkpoint is registered
     registry_name: str = ""                      # MLflow registered model ("" = train.run_name)
+    crash_once: bool = False                    # fault injection for tests: the evaluator actor dies once
 
 
 @dataclass

@@ -127,7 +127,8 @@ def fit(cfg: Config, log_samples: bool = False):
 
         evaluator = EvalThread(str(run_dir), cfg.data.shards, list(cfg.eval.tasks), uri, cfg.eval.cpus,
                                cfg.eval.every_n_checkpoints, cfg.eval.poll_seconds, cfg.eval.best_metric,
-                               cfg.eval.registry_name or cfg.train.run_name, cfg.eval.gpus).start()
+                               cfg.eval.registry_name or cfg.train.run_name, cfg.eval.gpus,
+                               fail_marker=str(run_dir / "eval_crashed_once") if cfg.eval.crash_once else None).start()
     result = trainer.fit()
     if evaluator is not None:
         evaluator.finish()

@@ -98,3 +98,15 @@ def test_resume_after_killed_worker_matches_uninterrupted(ray_local, phantom, tm
     assert worst < 1e-4, f"resumed weights differ from uninterrupted run by {worst}"
     st = json.loads((cut / "step_0000004/state.json").read_text())
     assert st["step"] == 4 and st["micro"] == 4
+
+
+def test_crashing_evaluator_leaves_training_alone(ray_local, phantom, tmp_path):
+    """The evaluator actor dies mid-scoring (once): Ray restarts it, it finishes every checkpoint,
+    and the training job ends normally with all its steps and checkpoints."""
+    run_dir = _fit(_cfg(phantom, tmp_path, "evalcrash", **{"eval.enabled": "true", "eval.tasks": "[retrieval]",
+                                                           "eval.poll_seconds": 1, "eval.crash_once": "true"}))
+    assert (run_dir / "eval_crashed_once").is_file(), "the evaluator did not crash"
+    st = json.loads((run_dir / "step_0000004/state.json").read_text())
+    assert st["step"] == 4
+    ledger = [json.loads(x) for x in (run_dir / "eval_ledger.jsonl").read_text().splitlines()]
+    assert sorted((r["checkpoint"], r["error"]) for r in ledger) == [("step_0000002", None), ("step_0000004", None)]
