@@ -2,7 +2,7 @@
 
 Per checkpoint (``step_X/eval/``): ``metrics.json``, ``zeroshot_auc_table.csv``, ``zeroshot_roc.png``,
 ``probe_auc_table.csv``, ``reportgen_samples.json``, ``segmentation_dice_table.csv``; logged to the
-training run under ``eval/step_X/``. Per run: ``metrics_over_checkpoints.png`` from the ledger
+training run under ``eval/step_X/``, the tables also as MLflow tables (``*_table.json``). Per run: ``metrics_over_checkpoints.png`` from the ledger
 (``eval/`` in MLflow), and the checkpoint best on ``eval.best_metric`` registered as a model version
 with the alias ``best`` (its export folder is logged under ``checkpoints/step_X/`` first, so the
 version outlives Ray's checkpoint rotation).
@@ -90,6 +90,13 @@ def log_result(uri: str, result: dict[str, Any], art_dir: str | Path | None) -> 
                                       if math.isfinite(v)])
     if art_dir is not None and any(Path(art_dir).iterdir()):
         client.log_artifacts(run_id, str(art_dir), f"eval/step_{step:07d}")
+    # the tables again as MLflow tables: the UI shows them sortable and compares them across runs
+    for name in ("zeroshot_table", "probe_table", "segmentation_table"):
+        rows = result.get("extras", {}).get(name)
+        if rows:
+            import pandas as pd
+
+            client.log_table(run_id, pd.DataFrame(rows), f"eval/step_{step:07d}/{name}.json")
 
 
 def ledger_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:

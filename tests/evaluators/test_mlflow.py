@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.evaluators.test_tasks import _plain_export
+from trainer.config import FINDINGS
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,13 @@ def test_mlflow_metrics_artifacts_and_registry(phantom24, tmp_path, mlflow_uri):
     assert {h.step: h.value for h in hist} == pytest.approx(by_step)
     assert [h.step for h in client.get_metric_history(run_id, "retrieval/i2t_R_at_1")] == [7, 14]
     files = {f.path for f in client.list_artifacts(run_id, "eval/step_0000007")}
-    assert {"eval/step_0000007/zeroshot_roc.png", "eval/step_0000007/zeroshot_auc_table.csv"} <= files
+    assert {"eval/step_0000007/zeroshot_roc.png", "eval/step_0000007/zeroshot_auc_table.csv",
+            "eval/step_0000007/zeroshot_table.json"} <= files
+    (tmp_path / "tables").mkdir()
+    t = json.loads(open(client.download_artifacts(run_id, "eval/step_0000007/zeroshot_table.json",
+                                                  str(tmp_path / "tables"))).read())
+    assert len(t["data"]) == 18 and {row[t["columns"].index("label")] for row in t["data"]} == set(FINDINGS)
+    assert "eval/step_0000007/zeroshot_table.json" in client.get_run(run_id).data.tags["mlflow.loggedArtifacts"]
     assert "eval/metrics_over_checkpoints.png" in {f.path for f in client.list_artifacts(run_id, "eval")}
     # the best checkpoint is a registered model version, with its weights, under the alias 'best'
     best_step = max(by_step, key=lambda s: (by_step[s], -s))
