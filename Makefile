@@ -41,6 +41,7 @@ status:
 bench: install
 	$(BIN)/python -m benchmarks.ingest
 	$(BIN)/python -m benchmarks.stream
+	$(BIN)/python -m benchmarks.kernels
 
 demo-clean: down
 	rm -rf $(DEMO)

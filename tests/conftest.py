@@ -9,6 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = (REPO / ".." / "shared" / "realdata").resolve()
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels run on the CPU in tests (set before import)
 # tests that need MLflow start their own server; never log to (or hang on) a developer's
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 

@@ -226,13 +226,3 @@ def test_tokenizer_from_reports_is_reproducible(realdata):
     enc = a(["Bilateral pleural effusion is not present."])["input_ids"][0]
     assert a.convert_ids_to_tokens(enc)[1:4] == ["bilateral", "pleural", "effusion"]
     assert a.convert_ids_to_tokens(a("xyzzyq")["input_ids"])[1] == "x"   # unseen word -> characters
-
-
-def test_triton_kernel_switch_is_explicit():
-    r = F.normalize(torch.randn(2, 4, 8), dim=-1)
-    t = F.normalize(torch.randn(2, 3, 8), dim=-1)
-    m = torch.ones(2, 3)
-    ref = token_region_similarity(r, t, m, 0.1, kernel="torch")
-    assert torch.equal(token_region_similarity(r, t, m, 0.1, kernel="auto"), ref)
-    with pytest.raises(NotImplementedError, match="tma.kernel=triton"):
-        token_region_similarity(r, t, m, 0.1, kernel="triton")

@@ -1,14 +1,33 @@
 """Fused kernels behind one module; each keeps its PyTorch reference beside it.
 
-No fused kernel ships yet: the token-region similarity (``trainer/losses/tma.py``) always runs
-its PyTorch reference. ``tma.kernel=auto`` and ``torch`` select it; ``triton`` is refused with
-a clear error rather than silently falling back.
+- ``token_cosines``: the token-region attention + cosine of TMA's local alignment
+  (``token_region.py``; reference ``trainer.losses.tma.token_cosines_reference``).
+
+``tma.kernel``: ``torch`` runs the reference; ``triton`` runs the fused kernel (CUDA, or the CPU
+under ``TRITON_INTERPRET=1`` as the tests do) and fails clearly where it cannot. ``auto`` runs the
+reference for now: the kernel's parity is proven in the interpreter only, since no GPU was
+available to run ``tests/trainer/test_kernels.py`` on CUDA. Opt in with ``tma.kernel=triton``.
 """
 from __future__ import annotations
 
+import torch
 
-def token_region_similarity(regions, tokens, token_mask, attn_temperature, pool, gamma, kernel):
-    if kernel == "triton":
-        raise NotImplementedError("tma.kernel=triton: no fused Triton kernel for the token-region "
-                                  "similarity in this version; use tma.kernel=torch or auto")
-    return None
+
+def token_cosines(regions: torch.Tensor, tokens: torch.Tensor, attn_temperature: float,
+                  kernel: str = "auto") -> torch.Tensor | None:
+    """(Bi,N,D), (Bt,L,D) -> (Bi,Bt,L) from the fused kernel, or None: use the reference."""
+    if kernel in ("torch", "auto"):
+        return None
+    if kernel != "triton":
+        raise ValueError(f"tma.kernel: {kernel!r} is not one of ['auto', 'torch', 'triton']")
+    try:
+        from trainer.kernels import token_region as tr
+    except ImportError:
+        tr = None
+    if tr is None or tr.triton is None:
+        raise ImportError("tma.kernel=triton needs the triton package: pip install 't3d[kernels]'")
+    if not tr.available(regions):
+        raise RuntimeError(f"tma.kernel=triton: the fused kernel runs on CUDA tensors (or on the CPU with "
+                           f"TRITON_INTERPRET=1, for tests); got a tensor on {regions.device}. "
+                           "Use tma.kernel=auto or torch here")
+    return tr.token_cosines(regions, tokens, attn_temperature)

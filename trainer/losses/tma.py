@@ -25,27 +25,35 @@ def token_region_similarity(regions: torch.Tensor, tokens: torch.Tensor, token_m
                             attn_temperature: float, pool: str = "mean", gamma: float = 5.0,
                             kernel: str = "torch") -> torch.Tensor:
     """regions (Bi,N,D), tokens (Bt,L,D) (both L2-normalized), token_mask (Bt,L) -> S (Bi,Bt).
-    S[i,j] aggregates, over report j's tokens, cos(token, softmax-attended context in image i)."""
-    if kernel in ("triton", "auto"):
-        from trainer.kernels import token_region_similarity as fused
+    S[i,j] aggregates, over report j's tokens, cos(token, softmax-attended context in image i).
+    ``kernel``: "torch" (reference), "triton" (fused, ``trainer/kernels``), "auto" (fused on CUDA)."""
+    from trainer.kernels import token_cosines
 
-        out = fused(regions, tokens, token_mask, attn_temperature, pool, gamma, kernel)
-        if out is not None:
-            return out
-    return token_region_similarity_reference(regions, tokens, token_mask, attn_temperature, pool, gamma)
+    s = token_cosines(regions, tokens, attn_temperature, kernel)
+    if s is None:
+        s = token_cosines_reference(regions, tokens, attn_temperature)
+    return pool_tokens(s, token_mask, pool, gamma)
 
 
-def token_region_similarity_reference(regions, tokens, token_mask, attn_temperature, pool="mean", gamma=5.0):
+def token_cosines_reference(regions: torch.Tensor, tokens: torch.Tensor, attn_temperature: float) -> torch.Tensor:
+    """(Bi,N,D), (Bt,L,D) -> (Bi,Bt,L): each token's cosine with its attention-weighted regions."""
     r, t = regions.float(), tokens.float()
     logits = torch.einsum("ind,tld->itln", r, t) / attn_temperature          # (Bi,Bt,L,N)
     ctx = torch.einsum("itln,ind->itld", logits.softmax(-1), r)              # (Bi,Bt,L,D)
-    s = F.cosine_similarity(ctx, t.unsqueeze(0), dim=-1, eps=1e-6)           # (Bi,Bt,L)
+    return F.cosine_similarity(ctx, t.unsqueeze(0), dim=-1, eps=1e-6)        # (Bi,Bt,L)
+
+
+def pool_tokens(s: torch.Tensor, token_mask: torch.Tensor, pool: str = "mean", gamma: float = 5.0) -> torch.Tensor:
+    """(Bi,Bt,L) token cosines -> (Bi,Bt): masked mean, or GLoRIA's log-sum-exp (soft max)."""
     m = token_mask.float().unsqueeze(0)
     if pool == "mean":
         return (s * m).sum(-1) / m.sum(-1).clamp_min(1.0)
-    # log-sum-exp pooling (GLoRIA): soft max over tokens
     s = s * gamma + (m - 1.0) * 1e4
     return torch.logsumexp(s, dim=-1) / gamma
+
+
+def token_region_similarity_reference(regions, tokens, token_mask, attn_temperature, pool="mean", gamma=5.0):
+    return pool_tokens(token_cosines_reference(regions, tokens, attn_temperature), token_mask, pool, gamma)
 
 
 def local_alignment_loss(view_regions: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
