@@ -65,6 +65,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)                      # identical init on every rank
     model = build_model(cfg, len(tokenizer))
     engine = eng.init_engine(model, cfg)
+    torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # then per rank: dropout differs across ranks
     device = engine.device
     state = {"step": 0, "micro": 0, "samples": 0, "corrupt": 0, "dropped": 0}
     ckpt = ray.train.get_checkpoint()
