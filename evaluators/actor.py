@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -55,33 +54,37 @@ def ready_checkpoints(run_dir: str | Path, every_n: int = 1) -> list[Path]:
 
 def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None,
                      every_n: int = 1, fail_marker: str | None = None, best_metric: str | None = None,
-                     registry_name: str | None = None, gpus: float = 0.0) -> list[dict[str, Any]]:
+                     registry_name: str | None = None) -> list[dict[str, Any]]:
     """Score every (checkpoint, task) not in the ledger; returns what was newly scored.
 
     Each result goes to the ledger, to ``step_X/eval/`` (tables, ROC curves) and, with a tracking
     URI, to the checkpoint's MLflow run at its training step. After new results, the metric-over-
     checkpoints plot is refreshed and the best checkpoint on ``best_metric`` registered."""
     from evaluators.artifacts import log_result, write_artifacts
-    from evaluators.score import score_checkpoint
+    from evaluators import score
 
     ledger = Ledger(Path(run_dir) / "eval_ledger.jsonl")
     done, new, run_id = ledger.done(), [], None
+
+    def failed(ck: Path, task: str, e: Exception) -> None:
+        ledger.record(ck.name, task, -1, {}, error=f"{type(e).__name__}: {e}"[:500])
+        new.append({"checkpoint": ck.name, "task": task, "step": None, "error": str(e)[:200]})
+
     for ck in ready_checkpoints(run_dir, every_n):
-        for task in tasks:
-            if (ck.name, task) in done:
-                continue
+        sc = None                              # loaded once, for this checkpoint's first pending task
+        for task in [t for t in tasks if (ck.name, t) not in done]:
             if fail_marker and not Path(fail_marker).exists():   # fault injection for tests
                 Path(fail_marker).write_text("crashed once")
                 os._exit(1)
             try:
-                r = score_checkpoint(ck, shards, [task])
+                sc = sc or score.Scoring(ck, shards)
+                r = sc.score([task])
             except (ValueError, FileNotFoundError) as e:
                 # a split/label/mask missing, or the checkpoint rotated away (train.keep_checkpoints):
                 # recorded with its reason, not retried forever
                 if isinstance(e, FileNotFoundError) and ck.exists():
                     raise
-                ledger.record(ck.name, task, -1, {}, error=f"{type(e).__name__}: {e}"[:500])
-                new.append({"checkpoint": ck.name, "task": task, "step": None, "error": str(e)[:200]})
+                failed(ck, task, e)
                 continue
             art = write_artifacts(r, ck / "eval")
             if mlflow_uri and r["mlflow_run_id"]:
@@ -103,11 +106,12 @@ def publish_run_summary(run_dir: str, ledger: Ledger, uri: str, run_id: str, bes
     from evaluators.artifacts import plot_over_checkpoints, register_best
 
     try:
-        png = plot_over_checkpoints(ledger.records(), Path(run_dir) / "metrics_over_checkpoints.png")
+        records = ledger.records()
+        png = plot_over_checkpoints(records, Path(run_dir) / "metrics_over_checkpoints.png")
         if png is not None:
             MlflowClient(uri).log_artifact(run_id, str(png), "eval")
         if best_metric and registry_name:
-            reg = register_best(uri, run_id, run_dir, ledger.records(), best_metric, registry_name)
+            reg = register_best(uri, run_id, run_dir, records, best_metric, registry_name)
             if reg:
                 print(f"[eval] registered {reg['name']} v{reg['version']}: {reg['checkpoint']} "
                       f"({best_metric}={reg[best_metric]:.4f}), alias 'best'", flush=True)
@@ -206,12 +210,12 @@ def main(argv=None) -> int:
     import ray
 
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
-    from trainer.config import EVAL_TASKS
+    from evaluators.score import parse_tasks
 
-    tasks = list(EVAL_TASKS) if a.tasks == "all" else [t.strip() for t in a.tasks.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in EVAL_TASKS]
-    if bad:
-        raise SystemExit(f"--tasks: unknown task(s) {bad}; available: {list(EVAL_TASKS)}")
+    try:
+        tasks = parse_tasks(a.tasks)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
     scored = watch(a.run_dir, a.data, tasks, a.mlflow_uri, a.cpus, a.every_n, a.follow,
                    best_metric=a.best_metric, registry_name=a.registry_name, gpus=a.gpus)
     print(f"[eval] {len(scored)} new (checkpoint, task) results; ledger {Path(a.run_dir) / 'eval_ledger.jsonl'}")

@@ -2,8 +2,8 @@
 
 Per checkpoint (``step_X/eval/``): ``metrics.json``, ``zeroshot_auc_table.csv``, ``zeroshot_roc.png``,
 ``probe_auc_table.csv``, ``reportgen_samples.json``, ``segmentation_dice_table.csv``; logged to the
-training run under ``eval/step_X/``, the tables also as MLflow tables (``*_table.json``). Per run: ``metrics_over_checkpoints.png`` from the ledger
-(``eval/`` in MLflow), and the checkpoint best on ``eval.best_metric`` registered as a model version
+training run under ``eval/step_X/``, the tables also as MLflow tables (``*_table.json``). Per run:
+``metrics_over_checkpoints.png`` from the ledger (``eval/`` in MLflow), and the checkpoint best on ``eval.best_metric`` registered as a model version
 with the alias ``best`` (its export folder is logged under ``checkpoints/step_X/`` first, so the
 version outlives Ray's checkpoint rotation).
 """
@@ -62,9 +62,8 @@ def write_artifacts(result: dict[str, Any], out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mpath = out / "metrics.json"
-    merged = json.loads(mpath.read_text()) if mpath.is_file() else {}
-    merged.update(result["metrics"])
-    mpath.write_text(json.dumps({"step": result["step"], **merged} if "step" not in merged else merged, indent=1))
+    earlier = json.loads(mpath.read_text()) if mpath.is_file() else {}
+    mpath.write_text(json.dumps({"step": result["step"], **earlier, **result["metrics"]}, indent=1))
     ex = result.get("extras", {})
     if ex.get("zeroshot_table"):
         _csv(out / "zeroshot_auc_table.csv", ex["zeroshot_table"])
@@ -160,7 +159,7 @@ def register_best(uri: str, run_id: str, run_dir: str | Path, records: list[dict
     try:
         client.create_registered_model(name, description=f"T3D checkpoints, best on {metric}")
     except MlflowException as e:
-        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code if hasattr(e, "error_code") else e):
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     try:
         cur = client.get_model_version_by_alias(name, "best")

@@ -1,6 +1,6 @@
 """Score checkpoints on downstream tasks and log them to the training run in MLflow.
 
-    python -m evaluators.score --checkpoint PATH --data SHARDS [--tasks zeroshot,retrieval] [--out r.json]
+    python -m evaluators.score --checkpoint PATH --data SHARDS [--tasks all|zeroshot,retrieval,...] [--out r.json]
     python -m evaluators.score --run-dir RUN --data SHARDS --mlflow-uri URI   # every checkpoint
 
 Zero-shot thresholds (max F1 per label) are chosen on the ``valid`` split and applied to
@@ -20,17 +20,17 @@ from trainer.config import EVAL_TASKS, FINDINGS
 TASKS = EVAL_TASKS
 
 
-def score_zeroshot(model, tok, cfg, shards, n_boot: int, extras: dict, seed: int = 0) -> dict[str, float]:
+def score_zeroshot(sc: "Scoring", extras: dict, seed: int = 0) -> dict[str, float]:
     from sklearn.metrics import f1_score, precision_score, roc_auc_score, roc_curve
 
-    from evaluators.tasks.embed import embed_split
     from evaluators.tasks.zeroshot import prompt_embeddings, zeroshot_probs
 
-    prompts = prompt_embeddings(model, tok)
+    model, cfg, shards, n_boot = sc.model, sc.cfg, sc.shards, sc.cfg.eval.bootstrap
+    prompts = prompt_embeddings(model, sc.tok)
     scale = float(model.logit_scale.detach().exp().clamp(max=100))
     res, out = {}, {}
     for split in (cfg.eval.split_threshold, cfg.eval.split_test):
-        e = embed_split(model, tok, cfg, shards, split)
+        e = sc.embed(split)
         if np.isnan(e["labels"]).any():
             raise ValueError(f"{shards}: split {split!r} has studies without the 18 labels")
         res[split] = (zeroshot_probs(e["img"], prompts, scale), e["labels"])
@@ -75,19 +75,18 @@ def score_zeroshot(model, tok, cfg, shards, n_boot: int, extras: dict, seed: int
     return out
 
 
-def score_retrieval(model, tok, cfg, shards, extras: dict) -> dict[str, float]:
-    from evaluators.tasks.embed import embed_split
+def score_retrieval(sc: "Scoring", extras: dict) -> dict[str, float]:
     from evaluators.tasks.retrieval import recall_at_k
 
-    e = embed_split(model, tok, cfg, shards, cfg.eval.split_test)
+    e = sc.embed(sc.cfg.eval.split_test)
     return {f"retrieval/{k}": v for k, v in recall_at_k(e["img"], e["txt"]).items()}
 
 
-def score_probe(model, tok, cfg, shards, extras: dict) -> dict[str, float]:
-    from evaluators.tasks.embed import embed_split
+def score_probe(sc: "Scoring", extras: dict) -> dict[str, float]:
     from evaluators.tasks.probe import linear_probe_auc
 
-    tr, te = embed_split(model, tok, cfg, shards, "train"), embed_split(model, tok, cfg, shards, cfg.eval.split_test)
+    shards = sc.shards
+    tr, te = sc.embed("train"), sc.embed(sc.cfg.eval.split_test)
     if np.isnan(tr["labels"]).any() or np.isnan(te["labels"]).any():
         raise ValueError(f"{shards}: the linear probe needs the 18 labels on train and test studies")
     aucs = linear_probe_auc(tr["img"].numpy(), tr["labels"], te["img"].numpy(), te["labels"])
@@ -99,10 +98,11 @@ def score_probe(model, tok, cfg, shards, extras: dict) -> dict[str, float]:
     return out
 
 
-def score_reportgen(model, tok, cfg, shards, extras: dict) -> dict[str, float]:
+def score_reportgen(sc: "Scoring", extras: dict) -> dict[str, float]:
     from evaluators.tasks.embed import image_features, model_device
     from evaluators.tasks.reportgen import caption_metrics, train_and_generate
 
+    model, tok, cfg, shards = sc.model, sc.tok, sc.cfg, sc.shards
     tr, te = image_features(model, cfg, shards, "train"), image_features(model, cfg, shards, cfg.eval.split_test)
     hyps, loss = train_and_generate(tr["memory"], tr["reports"], te["memory"], tok, cfg.data.max_text_tokens,
                                     cfg.eval.reportgen_steps, cfg.train.seed, cfg.eval.reportgen_lr,
@@ -115,7 +115,7 @@ def score_reportgen(model, tok, cfg, shards, extras: dict) -> dict[str, float]:
     return out
 
 
-def score_segmentation(model, tok, cfg, shards, extras: dict) -> dict[str, float]:
+def score_segmentation(sc: "Scoring", extras: dict) -> dict[str, float]:
     import copy
 
     import torch
@@ -124,6 +124,7 @@ def score_segmentation(model, tok, cfg, shards, extras: dict) -> dict[str, float
     from evaluators.tasks.segmentation import check_masks, finetune
     from trainer.model.image import ImageEncoder
 
+    model, cfg, shards = sc.model, sc.cfg, sc.shards
     classes = list(cfg.eval.seg_classes)
     tr = load_volumes(shards, "train", masks=True)
     te = load_volumes(shards, cfg.eval.split_test, masks=True)
@@ -154,41 +155,74 @@ SCORERS = {"zeroshot": score_zeroshot, "retrieval": score_retrieval, "probe": sc
            "reportgen": score_reportgen, "segmentation": score_segmentation}
 
 
-def _cuda() -> bool:
-    import torch
+def check_tasks(tasks: list[str]) -> list[str]:
+    unknown = [t for t in tasks if t not in SCORERS]
+    if unknown:
+        raise ValueError(f"--tasks: unknown task(s) {unknown}; available: {list(TASKS)}")
+    return tasks
 
-    return torch.cuda.is_available()
+
+def parse_tasks(text: str) -> list[str]:
+    """``all`` or a comma list -> checked task names (the CLIs' ``--tasks``)."""
+    return check_tasks(list(TASKS) if text == "all" else [t.strip() for t in text.split(",") if t.strip()])
+
+
+class Scoring:
+    """One loaded checkpoint to score task by task: the export is loaded once, and each split's
+    embeddings are computed once however many tasks use them. ``overrides`` (``eval.seg_steps=100``
+    ...) change the checkpoint's own config; ``n_boot`` replaces ``eval.bootstrap``; ``device``:
+    default a GPU when one is visible."""
+
+    def __init__(self, path: str | Path, shards: str, n_boot: int | None = None,
+                 overrides: list[str] | None = None, device: str | None = None):
+        import dataclasses
+
+        import torch
+
+        from trainer.config import load_config
+        from trainer.engine import load_export
+
+        self.path, self.shards = path, shards
+        self.model, self.tok, cfg, self.info = load_export(path)
+        self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if overrides:
+            cfg = load_config(None, overrides, extra=cfg.to_dict())
+        if n_boot is not None:
+            cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, bootstrap=n_boot))
+        self.cfg = cfg
+        self._embeddings: dict[str, dict] = {}
+
+    def embed(self, split: str) -> dict:
+        from evaluators.tasks.embed import embed_split
+
+        if split not in self._embeddings:
+            self._embeddings[split] = embed_split(self.model, self.tok, self.cfg, self.shards, split)
+        return self._embeddings[split]
+
+    def score(self, tasks: list[str]) -> dict:
+        """-> {checkpoint, step, mlflow_run_id, metrics, extras} for ``tasks``."""
+        metrics: dict[str, float] = {}
+        extras: dict = {}
+        for t in check_tasks(tasks):
+            metrics.update(SCORERS[t](self, extras))
+        return {"checkpoint": str(self.path), "step": self.info.get("step"),
+                "mlflow_run_id": self.info.get("mlflow_run_id"),
+                "metrics": {k: float(v) for k, v in metrics.items()}, "extras": extras}
 
 
 def score_checkpoint(path: str | Path, shards: str, tasks: list[str], n_boot: int | None = None,
                      overrides: list[str] | None = None, device: str | None = None) -> dict:
-    """Load an export, score it on ``tasks``. ``overrides`` (``eval.seg_steps=100`` ...) change the
-    checkpoint's own config for this scoring. ``device``: default a GPU when one is visible. Returns {checkpoint, step, mlflow_run_id, metrics, extras}."""
-    from trainer.config import load_config
-    from trainer.engine import load_export
+    """Load an export and score it on ``tasks`` (see ``Scoring``)."""
+    return Scoring(path, shards, n_boot, overrides, device).score(tasks)
 
-    model, tok, cfg, info = load_export(path)
-    model.to(device or ("cuda" if _cuda() else "cpu"))
-    if overrides:
-        cfg = load_config(None, overrides, extra=cfg.to_dict())
-    unknown = [t for t in tasks if t not in SCORERS]
-    if unknown:
-        raise ValueError(f"--tasks: unknown task(s) {unknown}; available: {list(TASKS)}")
-    metrics: dict[str, float] = {}
-    extras: dict = {}
-    for t in tasks:
-        if t == "zeroshot":
-            metrics.update(score_zeroshot(model, tok, cfg, shards, cfg.eval.bootstrap if n_boot is None else n_boot,
-                                          extras))
-        else:
-            metrics.update(SCORERS[t](model, tok, cfg, shards, extras))
-    return {"checkpoint": str(path), "step": info.get("step"), "mlflow_run_id": info.get("mlflow_run_id"),
-            "metrics": {k: float(v) for k, v in metrics.items()}, "extras": extras}
+
+def _headline(key: str) -> bool:
+    """Summary metrics only: not the per-label AUCs and CIs, not the per-class Dice."""
+    return "/auc/" not in key and "_ci_" not in key and "/dice/" not in key
 
 
 def _summary(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "/auc/" not in k and "_ci_" not in k
-                     and "/dice/" not in k)
+    return "  ".join(f"{k}={v:.3f}" for k, v in metrics.items() if _headline(k))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlflow-uri", default=None, help="log metrics and artifacts to the checkpoint's training run")
     p.add_argument("--out", default=None, help="JSON output (default: scores.json beside the checkpoints)")
     a = p.parse_args(argv)
-    tasks = list(TASKS) if a.tasks == "all" else [t.strip() for t in a.tasks.split(",") if t.strip()]
+    try:
+        tasks = parse_tasks(a.tasks)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
     ckpts = [Path(a.checkpoint)] if a.checkpoint else sorted(Path(a.run_dir).glob("step_*"))
     if not ckpts:
         raise SystemExit(f"{a.run_dir}: no step_* checkpoints")
@@ -226,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_table(results: list[dict]) -> None:
-    keys = sorted({k for r in results for k in r["metrics"] if "/auc/" not in k and "_ci_" not in k
-                   and "/dice/" not in k})
+    keys = sorted({k for r in results for k in r["metrics"] if _headline(k)})
     w = max(len(k) for k in keys) if keys else 10
     print("\n" + "metric".ljust(w) + "".join(f"  step {r['step']!s:>6}" for r in results))
     for k in keys:

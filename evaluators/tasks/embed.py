@@ -40,6 +40,11 @@ def to_input(hu: torch.Tensor, cfg) -> torch.Tensor:
     return normalize_hu(hu.float(), cfg.data.hu_window)
 
 
+def _volumes(chunk: list[dict[str, Any]], cfg) -> torch.Tensor:
+    """A batch of decoded samples -> network input (B, 1, D, H, W)."""
+    return torch.stack([to_input(torch.from_numpy(s["ct"]), cfg)[None] for s in chunk])
+
+
 def _labels(s: dict[str, Any]) -> list[float]:
     lab = s["meta"].get("labels")
     return [lab[f] for f in FINDINGS] if lab else [np.nan] * len(FINDINGS)
@@ -52,7 +57,7 @@ def embed_split(model, tokenizer, cfg, shards: str, split: str, batch: int = 8) 
     dev = model_device(model)
     imgs, txts, labels, keys = [], [], [], []
     for chunk in iter_batches(shards, split, batch):
-        x = torch.stack([to_input(torch.from_numpy(s["ct"]), cfg)[None] for s in chunk]).to(dev)
+        x = _volumes(chunk, cfg).to(dev)
         img, _ = model.encode_image(x)
         enc = tokenizer([s["report"] for s in chunk], padding="longest", truncation=True,
                         max_length=cfg.data.max_text_tokens, return_tensors="pt").to(dev)
@@ -71,7 +76,7 @@ def image_features(model, cfg, shards: str, split: str, batch: int = 8) -> dict[
     dev = model_device(model)
     mem, reports, keys = [], [], []
     for chunk in iter_batches(shards, split, batch):
-        x = torch.stack([to_input(torch.from_numpy(s["ct"]), cfg)[None] for s in chunk]).to(dev)
+        x = _volumes(chunk, cfg).to(dev)
         g, local, _ = model.image(x)
         mem.append(torch.cat([g[:, None], local], 1).float().cpu())
         reports += [s["report"] for s in chunk]

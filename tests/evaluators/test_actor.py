@@ -60,14 +60,14 @@ def test_rotated_checkpoint_is_recorded_not_retried(run_dir, phantom, monkeypatc
 
     import evaluators.score as score
 
-    real = score.score_checkpoint
+    real = score.Scoring
 
     def rotate_first(ck, *a, **kw):
         if ck.name == "step_0000007":
             shutil.rmtree(ck)
         return real(ck, *a, **kw)
 
-    monkeypatch.setattr(score, "score_checkpoint", rotate_first)
+    monkeypatch.setattr(score, "Scoring", rotate_first)
     new = evaluate_pending(str(run_dir), str(phantom / "shards"), ["retrieval"], None)
     assert [(n["checkpoint"], bool(n.get("error"))) for n in new] == [("step_0000007", True), ("step_0000014", False)]
     rec = Ledger(run_dir / "eval_ledger.jsonl").records()

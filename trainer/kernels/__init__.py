@@ -20,11 +20,9 @@ def token_cosines(regions: torch.Tensor, tokens: torch.Tensor, attn_temperature:
         return None
     if kernel != "triton":
         raise ValueError(f"tma.kernel: {kernel!r} is not one of ['auto', 'torch', 'triton']")
-    try:
-        from trainer.kernels import token_region as tr
-    except ImportError:
-        tr = None
-    if tr is None or tr.triton is None:
+    from trainer.kernels import token_region as tr      # imports without triton; tr.triton is then None
+
+    if tr.triton is None:
         raise ImportError("tma.kernel=triton needs the triton package: pip install 't3d[kernels]'")
     if not tr.available(regions):
         raise RuntimeError(f"tma.kernel=triton: the fused kernel runs on CUDA tensors (or on the CPU with "

@@ -117,9 +117,8 @@ class _TokenRegion(torch.autograd.Function):
 
 
 def token_cosines(regions: torch.Tensor, tokens: torch.Tensor, attn_temperature: float) -> torch.Tensor:
-    """regions (Bi,N,D), tokens (Bt,L,D) -> s (Bi,Bt,L): cos(token, its attended context), fused."""
-    if triton is None:
-        raise ImportError("tma.kernel=triton needs the triton package: pip install 't3d[kernels]'")
+    """regions (Bi,N,D), tokens (Bt,L,D) -> s (Bi,Bt,L): cos(token, its attended context), fused.
+    Call through ``trainer.kernels.token_cosines``, which checks that triton can run here."""
     if regions.shape[-1] != tokens.shape[-1]:
         raise ValueError(f"regions {tuple(regions.shape)} and tokens {tuple(tokens.shape)} differ in the last dim")
     return _TokenRegion.apply(regions, tokens, float(attn_temperature))
