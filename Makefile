@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
+	@command -v java >/dev/null || echo "warning: no Java runtime on PATH: METEOR (report generation) cannot run; its tests are skipped"
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install

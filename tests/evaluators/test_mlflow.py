@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -41,6 +42,7 @@ def phantom24(tmp_path_factory, debug_cfg):
     return root / "shards", texts
 
 
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR (pycocoevalcap) needs a Java runtime")
 def test_score_cli_all_tasks(phantom24, tmp_path, capsys):
     from evaluators import score
 
