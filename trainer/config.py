@@ -72,11 +72,15 @@ class ModelConfig:
     conv1_size: int = 7
     conv1_stride: int = 2
     no_max_pool: bool = False
+    image_norm: str = "batch"                   # "batch" | "group" | "instance" (see docs/design.md)
     text_encoder: Optional[str] = None          # local dir of a HF BERT (e.g. MedCPT); None = random init
     text_hidden: int = 768
     text_layers: int = 12
     text_heads: int = 12
     text_intermediate: int = 3072
+    text_pool: str = "cls"                      # report embedding: "cls" token or masked "mean" of tokens
+    text_dropout: float = 0.1                   # BERT hidden/attention dropout (random-init encoder)
+    proj: str = "linear"                        # heads into the shared space: "linear" | "mlp"
     vocab_size: int = 30522                     # for a tokenizer built from reports
     embed_dim: int = 512                        # shared space
     local_dim: int = 256                        # token/region space for TMA

@@ -22,14 +22,23 @@ def text_informed_pool(regions: torch.Tensor, tokens: torch.Tensor, token_mask: 
     return torch.einsum("bn,bnd->bd", w, regions.float())
 
 
+def projection(kind: str, d_in: int, d_out: int) -> nn.Module:
+    """Head into the shared space: ``linear`` (CLIP) or ``mlp`` (Linear-GELU-Linear, SimCLR/ConVIRT)."""
+    if kind == "linear":
+        return nn.Linear(d_in, d_out)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, d_out))
+    raise ValueError(f"model.proj: {kind!r} is not one of ['linear', 'mlp']")
+
+
 class T3D(nn.Module):
     def __init__(self, mcfg: ModelConfig, tcfg: TMAConfig, vocab_size: int | None = None):
         super().__init__()
         self.image = ImageEncoder(mcfg)
         self.text = TextEncoder(mcfg, vocab_size)
         ci, ct, e, dl = self.image.out_dim, self.text.out_dim, mcfg.embed_dim, mcfg.local_dim
-        self.img_proj = nn.Linear(ci, e)
-        self.txt_proj = nn.Linear(ct, e)
+        self.img_proj = projection(mcfg.proj, ci, e)
+        self.txt_proj = projection(mcfg.proj, ct, e)
         self.img_local = nn.Linear(ci, dl)        # regions -> token space (TMA)
         self.txt_local = nn.Linear(ct, dl)        # tokens -> token space (TMA)
         self.view_proj = nn.Sequential(nn.Linear(dl, dl), nn.GELU(), nn.Linear(dl, e))  # pooled view -> prototypes

@@ -62,7 +62,10 @@ def load_tokenizer(path: str | Path):
 
 
 class TextEncoder(nn.Module):
-    """Returns (CLS embedding (B, H), token embeddings (B, L, H))."""
+    """Returns (report embedding (B, H), token embeddings (B, L, H)). The report embedding is the
+    [CLS] state (``model.text_pool=cls``, what a pretrained BERT such as MedCPT was trained for) or
+    the masked mean of the token states (``mean``: a random-init BERT's [CLS] output is the same
+    vector for every report, so contrastive training would start from a collapsed tower)."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int | None = None):
         super().__init__()
@@ -73,14 +76,23 @@ class TextEncoder(nn.Module):
             if not (p / "config.json").is_file():
                 raise FileNotFoundError(f"model.text_encoder={p}: no config.json there (expected a local "
                                         "copy of a BERT model such as MedCPT-Query-Encoder)")
-            self.bert = BertModel.from_pretrained(str(p), local_files_only=True, add_pooling_layer=False)
+            self.bert = BertModel.from_pretrained(str(p), local_files_only=True, add_pooling_layer=False,
+                                                  hidden_dropout_prob=cfg.text_dropout,
+                                                  attention_probs_dropout_prob=cfg.text_dropout)
         else:
             bc = BertConfig(vocab_size=vocab_size or cfg.vocab_size, hidden_size=cfg.text_hidden,
                             num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                            intermediate_size=cfg.text_intermediate, max_position_embeddings=512)
+                            intermediate_size=cfg.text_intermediate, max_position_embeddings=512,
+                            hidden_dropout_prob=cfg.text_dropout, attention_probs_dropout_prob=cfg.text_dropout)
             self.bert = BertModel(bc, add_pooling_layer=False)
         self.out_dim = self.bert.config.hidden_size
+        if cfg.text_pool not in ("cls", "mean"):
+            raise ValueError(f"model.text_pool: {cfg.text_pool!r} is not one of ['cls', 'mean']")
+        self.pool = cfg.text_pool
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return h[:, 0], h
+        if self.pool == "cls":
+            return h[:, 0], h
+        m = attention_mask.to(h.dtype).unsqueeze(-1)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0), h
