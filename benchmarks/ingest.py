@@ -26,8 +26,8 @@ def _rss_mb() -> dict[str, float]:
 
 
 def run_ours(raw: str, workers: int) -> dict:
+    from common.config import load_config
     from data_service import ingest
-    from trainer.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/debug.yaml")
     with tempfile.TemporaryDirectory() as out:
@@ -40,10 +40,17 @@ def run_ours(raw: str, workers: int) -> dict:
 def run_monai(raw: str, workers: int) -> dict:
     import torch
     from monai.data import DataLoader, Dataset
-    from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Resized,
-                                  ScaleIntensityRanged, Spacingd)
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        Resized,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
 
-    from trainer.config import load_config
+    from common.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/debug.yaml").data
     files = [{"image": str(p)} for p in sorted(Path(raw).glob("*/*/*/*.nii.gz")) if "segmentations" not in str(p)]

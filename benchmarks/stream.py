@@ -16,9 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -38,8 +35,15 @@ def bench_ours(shards: str, cfg, tok_dir: str, batches: int) -> float:
 
 def bench_monai(raw: str, cfg, batches: int, workers: int) -> float:
     from monai.data import DataLoader, Dataset
-    from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, Orientationd,
-                                  ResizeWithPadOrCropd, ScaleIntensityRanged, Spacingd)
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        ResizeWithPadOrCropd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
 
     from data_service.views import MultiViewCropd
 
@@ -68,10 +72,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import ray
 
+    from common.config import load_config
+    from common.text import build_tokenizer
     from data_service import ingest, synth
     from data_service.shards import iter_split
-    from trainer.config import load_config
-    from trainer.model.text import build_tokenizer
 
     cfg = load_config(REPO / "configs/debug.yaml", ["data.loader_actors=2", "data.loader_cpus_per_actor=1"])
     with tempfile.TemporaryDirectory() as d:

@@ -28,53 +28,27 @@ from typing import Any
 
 import numpy as np
 
+from common.config import add_config_args, load_config
 from data_service import shards as sh
-from data_service.io import Reject, read_volume
-from data_service.preprocess import CanonicalCT
+from data_service.config import DataConfig
+from data_service.io import Reject
+from data_service.preprocess import load_canonical
 from data_service.sources import Study, discover
-from trainer.config import DataConfig, add_config_args, load_config
 
 
 def process_study(study: Study, data: DataConfig) -> dict[str, Any]:
     """Study -> encoded sample. Raises Reject."""
-    vol = read_volume(study.image, min_slices=data.min_slices,
-                      max_spacing_jitter_mm=data.max_spacing_jitter_mm,
-                      max_tilt_deg=data.max_gantry_tilt_deg, **study.read_kw)
-    if vol.meta.get("source_format") == "nifti":
-        import nibabel as nib
-
-        codes = nib.aff2axcodes(vol.affine)
-        k = [i for i, c in enumerate(codes) if c in "SI"]
-        n = vol.array.shape[k[0]] if k else min(vol.array.shape)
-        if n < data.min_slices:
-            raise Reject("too_few_slices", f"{study.image}: {n} slices < min_slices={data.min_slices}")
-    canon = CanonicalCT(data.spacing, data.size, data.orientation, data.hu_clip)
-    try:
-        hu, affine = canon(vol.array, vol.affine)
-        mask = None
-        if study.mask:
-            import nibabel as nib
-
-            mimg = nib.load(study.mask)
-            marr = np.asarray(mimg.dataobj)
-            if marr.shape[:3] != vol.array.shape:
-                raise Reject("bad_geometry", f"{study.mask}: mask shape {marr.shape} != image {vol.array.shape}")
-            mask = canon.mask(marr, vol.affine)
-    except Reject:
-        raise
-    except Exception as e:
-        raise Reject("preprocess_error", f"{study.image}: {type(e).__name__}: {e}") from e
+    c = load_canonical(study.image, data, study.read_kw, study.mask)
     meta = {"id": study.id, "patient_id": study.patient_id, "split": study.split, "source": study.source,
-            "labels": study.labels, "spacing": list(data.spacing), "size": list(hu.shape),
-            "orientation": data.orientation, "affine": np.round(affine, 5).tolist(),
-            "has_mask": mask is not None, "geometry": vol.meta, "study": study.meta,
+            "labels": study.labels, "spacing": list(data.spacing), "size": list(c.hu.shape),
+            "orientation": data.orientation, "affine": np.round(c.affine, 5).tolist(),
+            "has_mask": c.mask is not None, "geometry": c.geometry, "study": study.meta,
             "read": {k: list(v) if isinstance(v, tuple) else v for k, v in study.read_kw.items()}}
-    return sh.encode_sample(study.id, hu, study.report, meta, mask)
+    return sh.encode_sample(study.id, c.hu, study.report, meta, c.mask)
 
 
-def process_shard(spec: dict[str, Any], data_dict: dict[str, Any], out_dir: str) -> dict[str, Any]:
+def process_shard(spec: dict[str, Any], data: DataConfig, out_dir: str) -> dict[str, Any]:
     """Write one shard + sidecar; return the sidecar. Top-level so processes/Ray can run it."""
-    data = DataConfig(**{k: v for k, v in data_dict.items() if k != "views"})
     out = Path(out_dir)
     samples, rejects = [], []
     for sd in spec["studies"]:
@@ -147,13 +121,12 @@ def run(source: str, input_dir: str, out_dir: str, data: DataConfig, engine: str
     for spec in specs:
         done = _done(spec, out)
         (sides.append(done) if done else todo.append(spec))
-    data_dict = dataclasses.asdict(data)
     n_workers = workers or data.workers or os.cpu_count() or 1
     print(f"ingest: {n_in} studies found ({len(rejects)} rejected by the importer); "
           f"{len(specs)} shards planned, {len(sides)} already done, {len(todo)} to write; "
           f"engine={engine}, workers={n_workers}", flush=True)
     if todo and engine == "ray":
-        sides += _run_ray(todo, data_dict, str(out))
+        sides += _run_ray(todo, data, str(out))
     elif todo:
         from tqdm import tqdm
 
@@ -161,13 +134,13 @@ def run(source: str, input_dir: str, out_dir: str, data: DataConfig, engine: str
                    desc="ingest", file=sys.stdout)
         if n_workers == 1:
             for spec in todo:
-                sides.append(process_shard(spec, data_dict, str(out)))
+                sides.append(process_shard(spec, data, str(out)))
                 bar.update(len(spec["studies"]))
         else:
             # spawn, not fork: forking a process whose torch/OpenMP threads already ran deadlocks
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=min(n_workers, len(todo)), mp_context=ctx) as pool:
-                futs = {pool.submit(process_shard, s, data_dict, str(out)): s for s in todo}
+                futs = {pool.submit(process_shard, s, data, str(out)): s for s in todo}
                 for f in as_completed(futs):
                     sides.append(f.result())
                     bar.update(len(futs[f]["studies"]))
@@ -192,13 +165,13 @@ def run(source: str, input_dir: str, out_dir: str, data: DataConfig, engine: str
                    "rejected_by_reason": dict(Counter(r["reason"] for r in rejects)),
                    "written_by_split": dict(by_split)},
         "shards": [{k: s[k] for k in ("path", "split", "n", "sha256", "bytes")} for s in sides],
-        "config": data_dict, "seconds": round(time.time() - t0, 2),
+        "config": dataclasses.asdict(data), "seconds": round(time.time() - t0, 2),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-def _run_ray(todo, data_dict, out):
+def _run_ray(todo, data, out):
     """The same shard function as a Ray Data job (one row per shard)."""
     import ray
 
@@ -206,7 +179,7 @@ def _run_ray(todo, data_dict, out):
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                  log_to_driver=False)
     ds = ray.data.from_items([{"spec": json.dumps(s)} for s in todo])
-    ds = ds.map(lambda row: {"side": json.dumps(process_shard(json.loads(row["spec"]), data_dict, out))},
+    ds = ds.map(lambda row: {"side": json.dumps(process_shard(json.loads(row["spec"]), data, out))},
                 num_cpus=1)
     return [json.loads(r["side"]) for r in ds.take_all()]
 

@@ -50,10 +50,11 @@ def check_ct_values(arr: np.ndarray, where: str) -> None:
 
 # ----------------------------------------------------------------------------------------- NIfTI
 def read_nifti(path: str | Path, rescale: tuple[float, float] | None = None,
-               spacing_override: Sequence[float] | None = None) -> Volume:
+               spacing_override: Sequence[float] | None = None, min_slices: int = 1) -> Volume:
     """Load a NIfTI volume. ``rescale=(slope, intercept)`` is applied to the *stored* values
     (CT-RATE keeps them in its metadata CSV); ``spacing_override`` replaces the voxel sizes
-    while keeping the header's axis directions."""
+    while keeping the header's axis directions. Fewer than ``min_slices`` along the
+    superior-inferior axis (the axis closest to it) is rejected, as for DICOM."""
     import nibabel as nib
 
     path = Path(path)
@@ -82,8 +83,13 @@ def read_nifti(path: str | Path, rescale: tuple[float, float] | None = None,
         cols = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
         affine = affine.copy()
         affine[:3, :3] = cols * np.asarray(spacing_override, dtype=np.float64)
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
-        raise Reject("bad_geometry", f"{path}: singular affine")
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise Reject("bad_geometry", f"{path}: singular or non-finite affine")
+    codes = nib.aff2axcodes(affine)
+    si = [i for i, c in enumerate(codes) if c in "SI"]
+    n_slices = arr.shape[si[0]] if si else min(arr.shape)
+    if n_slices < min_slices:
+        raise Reject("too_few_slices", f"{path}: {n_slices} slices < min_slices={min_slices}")
     check_ct_values(arr, str(path))
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     return Volume(arr, affine, {"source_format": "nifti", "source_shape": list(arr.shape),
@@ -220,10 +226,26 @@ def read_volume(ref: str | Path | Sequence[str | Path], **kw) -> Volume:
             raise Reject("missing_image", f"{p}: folder holds no DICOM files")
         return read_dicom_series(files, **{k: v for k, v in kw.items() if k in _DICOM_KW})
     if p.name.endswith((".nii", ".nii.gz")):
-        return read_nifti(p, **{k: v for k, v in kw.items() if k in ("rescale", "spacing_override")})
+        return read_nifti(p, **{k: v for k, v in kw.items() if k in _NIFTI_KW})
     if not p.exists():
         raise Reject("missing_image", f"{p}: no such file or folder")
     raise Reject("unreadable", f"{p}: not a NIfTI file (.nii/.nii.gz) or DICOM folder")
 
 
 _DICOM_KW = ("min_slices", "max_spacing_jitter_mm", "max_tilt_deg")
+_NIFTI_KW = ("rescale", "spacing_override", "min_slices")
+
+
+def read_mask(path: str | Path, shape: Sequence[int]) -> np.ndarray:
+    """An integer label map (NIfTI) that must lie on the image's voxel grid ``shape``."""
+    import nibabel as nib
+
+    try:
+        arr = np.asarray(nib.load(str(path)).dataobj)
+    except Exception as e:  # noqa: BLE001 - any reader failure is this study's reject
+        raise Reject("unreadable", f"{path}: mask: {type(e).__name__}: {e}") from e
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    if tuple(arr.shape) != tuple(shape):
+        raise Reject("bad_geometry", f"{path}: mask shape {arr.shape} != image {tuple(shape)}")
+    return arr

@@ -1,4 +1,8 @@
-"""Canonical grid: RAS orientation, target spacing, target size, int16 HU (MONAI transforms).
+"""THE preprocessing path: reading + canonical grid (``load_canonical``) and HU -> model input
+(``to_model_input``). Ingest, the stream, the evaluators and the one-volume CLI all call these two,
+so every entry point accepts and rejects the same inputs for the same reasons.
+
+Canonical grid: RAS orientation, target spacing, target size, int16 HU (MONAI transforms).
 
 ``CanonicalCT`` is the array transform; ``CanonicalCTd`` the dictionary wrapper (image + optional
 mask). Out-of-field voxels become air (-1024 HU), never water: MONAI pads with zeros, so the
@@ -8,9 +12,14 @@ axis-aligned RAS grid, so every output affine is diagonal with the configured sp
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from data_service.config import DataConfig
+from data_service.io import Reject, read_mask, read_volume
 
 AIR = -1024.0
 
@@ -85,3 +94,37 @@ def normalize_hu(x, window: Sequence[float] = (-1000.0, 1000.0)):
         raise ValueError(f"hu_window must be increasing, got {window!r}")
     y = (x - lo) / (hi - lo)
     return y.clip(0.0, 1.0)
+
+
+def to_model_input(hu, data: DataConfig):
+    """HU of any dtype (torch tensor or numpy array, any shape) -> the network's float32 input in
+    [0, 1] (``data.hu_window``), on the same device."""
+    if isinstance(hu, np.ndarray):
+        return normalize_hu(hu.astype(np.float32), data.hu_window)
+    return normalize_hu(hu.float(), data.hu_window)
+
+
+@dataclass
+class Canonical:
+    hu: np.ndarray                       # int16 HU on the canonical grid (data.size)
+    affine: np.ndarray                   # voxel -> RAS mm, diagonal with data.spacing
+    mask: np.ndarray | None = None       # uint8 labels on the same grid
+    geometry: dict[str, Any] = field(default_factory=dict)   # the reader's source geometry
+
+
+def load_canonical(ref: str | Path | Sequence[str | Path], data: DataConfig, read_kw: dict[str, Any] | None = None,
+                   mask: str | Path | None = None) -> Canonical:
+    """A NIfTI file or DICOM series (folder or file list) -> int16 HU on the canonical grid, with
+    its organ mask when given. Every check lives in the reader (unreadable, truncated, not CT, too
+    few slices, uneven spacing, gantry tilt, geometry); problems raise ``Reject(reason, detail)``.
+    ``read_kw``: the importer's extra reader arguments (CT-RATE's rescale and spacing)."""
+    vol = read_volume(ref, min_slices=data.min_slices, max_spacing_jitter_mm=data.max_spacing_jitter_mm,
+                      max_tilt_deg=data.max_gantry_tilt_deg, **(read_kw or {}))
+    canon = CanonicalCT(data.spacing, data.size, data.orientation, data.hu_clip)
+    m = read_mask(mask, vol.array.shape) if mask else None
+    try:
+        hu, affine = canon(vol.array, vol.affine)
+        m = canon.mask(m, vol.affine) if m is not None else None
+    except Exception as e:  # noqa: BLE001 - a MONAI failure on one study is that study's reject
+        raise Reject("preprocess_error", f"{ref}: {type(e).__name__}: {e}") from e
+    return Canonical(hu, affine, m, vol.meta)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from trainer.config import FINDINGS
+from common.labels import FINDINGS
 
 
 @dataclass

@@ -24,9 +24,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from common.text import encode_reports
+from data_service.config import DataConfig
 from data_service.shards import CorruptSample, decode_sample, split_shards
-from data_service.views import prepare_sample, seed_for
-from trainer.config import DataConfig
+from data_service.views import N_PARAMS, MultiViewCrop, prepare_sample, seed_for
 
 
 def build_index(shards_dir: str | Path, split: str = "train") -> dict[str, dict[str, Any]]:
@@ -77,16 +78,15 @@ class Plan:
 
 
 class DecodeCrop:
-    """Ray Data actor: rows of (micro, key, shard, members) -> decoded image, views, tokens."""
+    """Ray Data actor: rows of (micro, key, shard, members) -> int16 image and views, their float
+    augmentation parameters, and the tokenized (sampled) report (data_service.views)."""
 
-    def __init__(self, data_dict: dict[str, Any], tokenizer_dir: str, seed: int):
-        from trainer.config import ViewsConfig
-        from trainer.model.text import load_tokenizer
+    def __init__(self, data: DataConfig, tokenizer_dir: str, seed: int, text_unit: str = "report"):
+        from common.text import load_tokenizer
 
-        views = ViewsConfig(**data_dict["views"])
-        self.data = DataConfig(**{**data_dict, "views": views})
+        self.data, self.seed, self.text_unit = data, seed, text_unit
         self.tok = load_tokenizer(tokenizer_dir)
-        self.seed = seed
+        self.crop = MultiViewCrop(data.views)
 
     def _read(self, shard: str, members: dict[str, list[int]], key: str) -> dict[str, Any]:
         raw: dict[str, Any] = {"__key__": key}
@@ -99,37 +99,35 @@ class DecodeCrop:
         return raw
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        v = self.data.views
+        d, v = self.data, self.data.views
         n = len(batch["key"])
-        image = np.zeros((n, 1, *self.data.size), np.float32)
-        views = np.zeros((n, v.n, 1, *v.size), np.float32)
+        image = np.zeros((n, 1, *d.size), np.int16)
+        views = np.zeros((n, v.n, 1, *v.size), np.int16)
+        params = np.zeros((n, 1 + v.n, N_PARAMS), np.float64)
         reports, errors = [], []
         ok = np.ones(n, np.int8)
         for i in range(n):
             key, micro = str(batch["key"][i]), int(batch["micro"][i])
             try:
                 s = decode_sample(self._read(str(batch["shard"][i]), json.loads(batch["members"][i]), key))
-                epoch_seed = seed_for(self.seed, micro, key)
-                p = prepare_sample(s, self.data, epoch_seed)
-                image[i], views[i] = p["image"].numpy(), p["views"].numpy()
+                p = prepare_sample(s, d, seed_for(self.seed, micro, key), self.crop)
+                image[i], views[i], params[i] = p["image"], p["views"], p["params"]
                 reports.append(p["report"])
                 errors.append("")
             except (CorruptSample, OSError, ValueError) as e:
                 ok[i] = 0
                 reports.append("")
                 errors.append(str(e)[:500])
-        enc = self.tok(reports, padding="max_length", truncation=True, max_length=self.data.max_text_tokens,
-                       return_tensors="np")
+        enc = encode_reports(self.tok, reports, self.text_unit, d.max_text_tokens, d.max_sentences,
+                             d.max_sentence_tokens, pad_to_max=True, return_tensors="np")
         return {"key": batch["key"], "micro": batch["micro"], "ok": ok, "error": np.array(errors, dtype=object),
-                "image": image, "views": views, "input_ids": enc["input_ids"].astype(np.int64),
+                "image": image, "views": views, "params": params, "input_ids": enc["input_ids"].astype(np.int64),
                 "attention_mask": enc["attention_mask"].astype(np.int64)}
 
 
 def rank_stream(index: dict[str, dict[str, Any]], plan: Plan, rank: int, start_micro: int, n_micro: int,
-                data: DataConfig, tokenizer_dir: str) -> Iterator[dict[str, Any]]:
+                data: DataConfig, tokenizer_dir: str, text_unit: str = "report") -> Iterator[dict[str, Any]]:
     """Yields one batch dict per micro-step, in plan order (Ray Data actor pool underneath)."""
-    import dataclasses
-
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -142,7 +140,7 @@ def rank_stream(index: dict[str, dict[str, Any]], plan: Plan, rank: int, start_m
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // plan.batch))
     ds = ds.map_batches(DecodeCrop, batch_size=plan.batch, num_cpus=data.loader_cpus_per_actor,
                         compute=ray.data.ActorPoolStrategy(size=max(1, data.loader_actors)),
-                        fn_constructor_kwargs={"data_dict": dataclasses.asdict(data),
-                                               "tokenizer_dir": tokenizer_dir, "seed": plan.seed})
+                        fn_constructor_kwargs={"data": data, "tokenizer_dir": tokenizer_dir, "seed": plan.seed,
+                                               "text_unit": text_unit})
     for b in ds.iter_batches(batch_size=plan.batch, batch_format="numpy", prefetch_batches=2):
         yield b

@@ -10,6 +10,7 @@ with varied phrasing and explicit negations:
   medium        : Consolidation (dense lung region), Hiatal hernia (air-fluid sac by the spine),
                   Pericardial effusion (fluid rim round the heart)
   large & global: Cardiomegaly (heart x1.35), Pleural effusion (dependent fluid), Emphysema
+Held-out (valid) reports use a second wording bank by default, never seen in training reports.
 Each volume gets its own spacing, size and orientation (RAS, LPS, LAS, PIR, ...), stored as
 int16 (some with raw values + RescaleIntercept in the metadata, as CT-RATE does).
 Organ masks (1 lung, 2 heart, 3 aorta, 4 bone) go to ``segmentations/`` beside the volumes.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.config import FINDINGS
+from common.labels import FINDINGS
 
 PLANTED = ("Lung nodule", "Arterial wall calcification", "Consolidation", "Hiatal hernia",
            "Pericardial effusion", "Cardiomegaly", "Pleural effusion", "Emphysema")
@@ -65,6 +66,45 @@ _NEG = {
 _FILLER = ["Trachea and main bronchi are patent.", "Thoracic esophagus is of normal calibre.",
            "No lytic or destructive bone lesion.", "Mediastinal structures are evaluated as normal.",
            "The visualized upper abdominal organs are unremarkable.", "Thyroid gland is normal."]
+_IMPRESSION = {f: f.lower() for f in PLANTED}
+
+# The second wording bank: held-out studies only (``heldout_wording="second"``), so that report-side
+# scores are measured on phrasing the training reports never used (no sentence, and few words,
+# in common with the bank above).
+_POS2 = {
+    "Lung nodule": ["A solid pulmonary lesion of {d} mm is identified in the {lobe} zone of the {side} lung.",
+                    "{Side} {lobe} zone: {d} mm parenchymal nodular opacity."],
+    "Arterial wall calcification": ["Atheromatous calcific deposits line the aorta.",
+                                    "Mural calcifications of the thoracic aorta."],
+    "Consolidation": ["Airspace opacification with air bronchograms at the {side} base.",
+                      "Dense parenchymal airspace disease on the {side}."],
+    "Hiatal hernia": ["Herniation of the stomach through the oesophageal hiatus.",
+                      "Part of the stomach lies above the diaphragm."],
+    "Pericardial effusion": ["Fluid collection surrounding the heart within the pericardium.",
+                             "Pericardial fluid is increased."],
+    "Cardiomegaly": ["Enlarged cardiac silhouette.", "The cardiac chambers are dilated with increased dimensions."],
+    "Pleural effusion": ["Fluid layering in the {side} pleural space.", "Pleural fluid collection, larger on the {side}."],
+    "Emphysema": ["Hyperlucent lungs with destroyed alveolar walls.",
+                  "Low-attenuation areas throughout both lungs consistent with alveolar destruction."],
+}
+_NEG2 = {
+    "Lung nodule": ["Lung fields are free of focal lesions.", "No focal pulmonary mass or nodular opacity identified."],
+    "Arterial wall calcification": ["Aortic wall without calcific plaque.", "No atheromatous deposits in the aorta."],
+    "Consolidation": ["Lungs are without airspace opacification.", "No airspace disease identified."],
+    "Hiatal hernia": ["Gastro-oesophageal junction in normal position.", "No herniation through the oesophageal hiatus."],
+    "Pericardial effusion": ["No fluid collection around the heart.", "Pericardial space is normal."],
+    "Cardiomegaly": ["Cardiac dimensions within normal limits.", "Cardiac silhouette is of normal size."],
+    "Pleural effusion": ["Costophrenic angles are clear.", "No fluid in the pleural spaces."],
+    "Emphysema": ["Normal lung attenuation without hyperlucency.", "Lung parenchymal attenuation is preserved."],
+}
+_FILLER2 = ["Airways are patent to the segmental level.", "Osseous structures are intact.",
+            "No mediastinal lymph node enlargement.", "Thyroid lobes are symmetric."]
+_IMPRESSION2 = {"Lung nodule": "pulmonary nodular lesion", "Arterial wall calcification": "aortic atherosclerosis",
+                "Consolidation": "airspace disease", "Hiatal hernia": "hiatus herniation of the stomach",
+                "Pericardial effusion": "pericardial fluid", "Cardiomegaly": "enlarged heart",
+                "Pleural effusion": "pleural fluid", "Emphysema": "emphysematous lungs"}
+BANKS = {"first": (_POS, _NEG, _FILLER, _IMPRESSION, "No acute thoracic abnormality."),
+         "second": (_POS2, _NEG2, _FILLER2, _IMPRESSION2, "Unremarkable chest CT.")}
 
 
 def _ellipsoid(X, Y, Z, c, r):
@@ -155,15 +195,18 @@ def make_case(rng: np.random.Generator, findings: dict[str, int], spacing, shape
     return hu, mask, details
 
 
-def make_report(rng: np.random.Generator, findings: dict[str, int], details: dict) -> str:
+def make_report(rng: np.random.Generator, findings: dict[str, int], details: dict,
+                bank: str = "first") -> tuple[str, str]:
+    """(findings text, impression) in one of the ``BANKS`` of wording."""
+    pos_bank, neg_bank, filler, names, normal = BANKS[bank]
     fill = {"side": details.get("side", "right"), "Side": details.get("side", "right").capitalize(),
             "lobe": details.get("lobe", "upper"), "d": details.get("d", 8)}
-    sentences = [str(rng.choice(_POS[f] if findings[f] else _NEG[f])).format(**fill) for f in PLANTED]
-    sentences += list(rng.choice(_FILLER, size=2, replace=False))
+    sentences = [str(rng.choice(pos_bank[f] if findings[f] else neg_bank[f])).format(**fill) for f in PLANTED]
+    sentences += list(rng.choice(filler, size=2, replace=False))
     order = rng.permutation(len(sentences))
     findings_txt = " ".join(sentences[i] for i in order)
-    pos = [f.lower() for f in PLANTED if findings[f]]
-    impression = ("; ".join(pos).capitalize() + ".") if pos else "No acute thoracic abnormality."
+    pos = [names[f] for f in PLANTED if findings[f]]
+    impression = ("; ".join(pos).capitalize() + ".") if pos else normal
     return findings_txt, impression
 
 
@@ -182,41 +225,60 @@ def _reorient(hu, mask, spacing, axcodes):
 
 
 def generate(out: str | Path, n: int, seed: int = 0, valid_fraction: float = 0.3,
-             prevalence: float = 0.35) -> dict[str, int]:
-    import nibabel as nib
+             prevalence: float = 0.35, heldout_wording: str = "second", workers: int = 1) -> dict[str, int]:
+    """``n`` phantoms, the last ``valid_fraction`` of them in ``valid`` (held out; ingest moves a
+    patient-hashed part of it to ``test``). ``heldout_wording``: the wording bank of the held-out
+    reports, ``second`` (never used in training) or ``first`` (the training bank). ``workers``:
+    processes (the output does not depend on it)."""
+    if heldout_wording not in BANKS:
+        raise ValueError(f"heldout_wording: {heldout_wording!r} is not one of {sorted(BANKS)}")
 
     out = Path(out)
-    rng = np.random.default_rng(seed)
-    rows = {"train": [], "valid": []}
     n_valid = max(1, int(round(n * valid_fraction))) if n > 1 else 0
-    for idx in range(n):
-        split = "valid" if idx >= n - n_valid else "train"
-        r = np.random.default_rng([seed, idx])
-        findings = {f: int(r.random() < prevalence) for f in PLANTED}
-        spacing = (float(r.choice([2.0, 2.5, 3.0])),) * 2 + (float(r.choice([3.0, 4.0, 5.0])),)
-        fov = r.uniform(360, 400, 2)
-        shape = (int(fov[0] / spacing[0]), int(fov[1] / spacing[1]), int(r.uniform(300, 340) / spacing[2]))
-        hu, mask, details = make_case(r, findings, spacing, shape)
-        axcodes = ORIENTATIONS[idx % len(ORIENTATIONS)]
-        hu_o, mask_o, affine = _reorient(hu, mask, spacing, axcodes)
-        raw_storage = bool(idx % 3 == 1)  # CT-RATE style: stored value = HU + 1024, intercept in CSV
-        stored = np.clip(np.rint(hu_o + (1024 if raw_storage else 0)), -32768, 32767).astype(np.int16)
-        pid = f"{split}_{idx + 1}"
-        name = f"{pid}_a_1.nii.gz"
-        vdir = out / split / pid / f"{pid}_a"
-        vdir.mkdir(parents=True, exist_ok=True)
-        img = nib.Nifti1Image(stored, affine)
-        img.header.set_slope_inter(1.0, 0.0) if not raw_storage else None
-        nib.save(img, str(vdir / name))
-        sdir = out / "segmentations" / split / pid / f"{pid}_a"
-        sdir.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(mask_o.astype(np.uint8), affine), str(sdir / name))
-        ftxt, imp = make_report(r, findings, details)
-        labels = {f: findings.get(f, 0) for f in FINDINGS}
-        rows[split].append({"name": name, "findings": ftxt, "impression": imp, "labels": labels,
-                            "spacing": spacing, "shape": shape, "raw": raw_storage})
+    jobs = [(out, seed, idx, "valid" if idx >= n - n_valid else "train", prevalence, heldout_wording)
+            for idx in range(n)]
+    if workers > 1 and n > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(_write_case, jobs, chunksize=8))
+    else:
+        done = [_write_case(j) for j in jobs]
+    rows = {"train": [r for sp, r in done if sp == "train"], "valid": [r for sp, r in done if sp == "valid"]}
     _write_tables(out, rows)
     return {k: len(v) for k, v in rows.items()}
+
+
+def _write_case(job) -> tuple[str, dict]:
+    """One phantom (image, mask, report row), from its own generator seeded by (seed, index)."""
+    import nibabel as nib
+
+    out, seed, idx, split, prevalence, heldout_wording = job
+    r = np.random.default_rng([seed, idx])
+    findings = {f: int(r.random() < prevalence) for f in PLANTED}
+    spacing = (float(r.choice([2.0, 2.5, 3.0])),) * 2 + (float(r.choice([3.0, 4.0, 5.0])),)
+    fov = r.uniform(360, 400, 2)
+    shape = (int(fov[0] / spacing[0]), int(fov[1] / spacing[1]), int(r.uniform(300, 340) / spacing[2]))
+    hu, mask, details = make_case(r, findings, spacing, shape)
+    axcodes = ORIENTATIONS[idx % len(ORIENTATIONS)]
+    hu_o, mask_o, affine = _reorient(hu, mask, spacing, axcodes)
+    raw_storage = bool(idx % 3 == 1)  # CT-RATE style: stored value = HU + 1024, intercept in CSV
+    stored = np.clip(np.rint(hu_o + (1024 if raw_storage else 0)), -32768, 32767).astype(np.int16)
+    pid = f"{split}_{idx + 1}"
+    name = f"{pid}_a_1.nii.gz"
+    vdir = out / split / pid / f"{pid}_a"
+    vdir.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(stored, affine)
+    img.header.set_slope_inter(1.0, 0.0) if not raw_storage else None
+    nib.save(img, str(vdir / name))
+    sdir = out / "segmentations" / split / pid / f"{pid}_a"
+    sdir.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(mask_o.astype(np.uint8), affine), str(sdir / name))
+    ftxt, imp = make_report(r, findings, details, heldout_wording if split == "valid" else "first")
+    labels = {f: findings.get(f, 0) for f in FINDINGS}
+    return split, {"name": name, "findings": ftxt, "impression": imp, "labels": labels,
+                   "spacing": spacing, "shape": shape, "raw": raw_storage}
 
 
 def _write_tables(out: Path, rows):
@@ -252,10 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, required=True, help="number of volumes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--valid-fraction", type=float, default=0.3)
+    p.add_argument("--heldout-wording", choices=sorted(BANKS), default="second",
+                   help="wording bank of the held-out (valid/test) reports")
+    p.add_argument("--workers", type=int, default=1, help="processes")
     a = p.parse_args(argv)
     if a.n < 1:
         p.error(f"--n must be >= 1, got {a.n}")
-    counts = generate(a.out, a.n, a.seed, a.valid_fraction)
+    counts = generate(a.out, a.n, a.seed, a.valid_fraction, heldout_wording=a.heldout_wording, workers=a.workers)
     print(f"synth: wrote {sum(counts.values())} phantom volumes {counts} in CT-RATE layout -> {a.out}")
     return 0
 

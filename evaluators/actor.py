@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 class Ledger:
@@ -53,15 +53,16 @@ def ready_checkpoints(run_dir: str | Path, every_n: int = 1) -> list[Path]:
 
 
 def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None,
-                     every_n: int = 1, fail_marker: str | None = None, best_metric: str | None = None,
-                     registry_name: str | None = None) -> list[dict[str, Any]]:
+                     every_n: int = 1, best_metric: str | None = None, registry_name: str | None = None,
+                     before_task: Callable[[Path, str], None] | None = None) -> list[dict[str, Any]]:
     """Score every (checkpoint, task) not in the ledger; returns what was newly scored.
 
     Each result goes to the ledger, to ``step_X/eval/`` (tables, ROC curves) and, with a tracking
     URI, to the checkpoint's MLflow run at its training step. After new results, the metric-over-
-    checkpoints plot is refreshed and the best checkpoint on ``best_metric`` registered."""
+    checkpoints plot is refreshed and the best checkpoint on ``best_metric`` registered.
+    ``before_task(checkpoint, task)`` runs before each task (tests inject faults with it)."""
+    from evaluators import scoring
     from evaluators.artifacts import log_result, write_artifacts
-    from evaluators import score
 
     ledger = Ledger(Path(run_dir) / "eval_ledger.jsonl")
     done, new, run_id = ledger.done(), [], None
@@ -73,11 +74,10 @@ def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: st
     for ck in ready_checkpoints(run_dir, every_n):
         sc = None                              # loaded once, for this checkpoint's first pending task
         for task in [t for t in tasks if (ck.name, t) not in done]:
-            if fail_marker and not Path(fail_marker).exists():   # fault injection for tests
-                Path(fail_marker).write_text("crashed once")
-                os._exit(1)
+            if before_task is not None:
+                before_task(ck, task)
             try:
-                sc = sc or score.Scoring(ck, shards)
+                sc = sc or scoring.Scoring(ck, shards, tasks=tasks)
                 r = sc.score([task])
             except (ValueError, FileNotFoundError) as e:
                 # a split/label/mask missing, or the checkpoint rotated away (train.keep_checkpoints):
@@ -131,18 +131,19 @@ def make_actor(cpus: float, gpus: float = 0.0):
 
 
 def watch(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None, cpus: float = 0.5,
-          every_n: int = 1, follow: bool = False, poll_s: float = 10.0, fail_marker: str | None = None,
-          max_crashes: int = 5, best_metric: str | None = None,
-          registry_name: str | None = None, gpus: float = 0.0) -> list[dict[str, Any]]:
-    """Call the actor until no work is left (or forever with ``follow``); survive its crashes."""
+          every_n: int = 1, follow: bool = False, poll_s: float = 10.0, max_crashes: int = 5,
+          best_metric: str | None = None, registry_name: str | None = None, gpus: float = 0.0,
+          before_task: Callable[[Path, str], None] | None = None) -> list[dict[str, Any]]:
+    """Call the actor until no work is left (or forever with ``follow``); survive its crashes.
+    ``before_task`` runs inside the actor before each task (tests inject faults with it)."""
     import ray
     from ray.exceptions import RayActorError
 
     actor, scored, crashes = make_actor(cpus, gpus), [], 0
     while True:
         try:
-            new = ray.get(actor.poll.remote(run_dir, shards, tasks, mlflow_uri, every_n, fail_marker,
-                                            best_metric, registry_name))
+            new = ray.get(actor.poll.remote(run_dir, shards, tasks, mlflow_uri, every_n, best_metric,
+                                            registry_name, before_task))
         except RayActorError as e:
             crashes += 1
             print(f"[eval] evaluator crashed ({crashes}/{max_crashes}); Ray restarts it: {str(e)[:200]}", flush=True)
@@ -160,17 +161,19 @@ def watch(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None, c
 
 
 class EvalThread:
-    """Runs ``watch`` beside a training job in the driver; never raises into the trainer."""
+    """Runs ``watch`` beside a training job in the driver (what ``trainer.pretrain`` starts when
+    ``eval.enabled``; ``eval.watcher`` names it); never raises into the trainer."""
 
-    def __init__(self, run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None, cpus: float,
-                 every_n: int, poll_s: float, best_metric: str | None = None, registry_name: str | None = None,
-                 gpus: float = 0.0, fail_marker: str | None = None):
+    before_task: Callable[[Path, str], None] | None = None     # tests subclass and set a fault here
+
+    def __init__(self, run_dir: str, cfg, mlflow_uri: str | None):
         import threading
 
-        self.args = (run_dir, shards, tasks, mlflow_uri, cpus, every_n)
-        self.kw = {"best_metric": best_metric, "registry_name": registry_name, "gpus": gpus,
-                   "fail_marker": fail_marker}
-        self.poll_s, self.stop = poll_s, threading.Event()
+        e = cfg.eval
+        self.args = (run_dir, cfg.data.shards, list(e.tasks), mlflow_uri, e.cpus, e.every_n_checkpoints)
+        self.kw = {"best_metric": e.best_metric, "registry_name": e.registry_name or cfg.train.run_name,
+                   "gpus": e.gpus, "before_task": self.before_task}
+        self.poll_s, self.stop = e.poll_seconds, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="t3d-evaluator")
 
     def _once(self) -> None:
@@ -210,7 +213,7 @@ def main(argv=None) -> int:
     import ray
 
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
-    from evaluators.score import parse_tasks
+    from evaluators.scoring import parse_tasks
 
     try:
         tasks = parse_tasks(a.tasks)

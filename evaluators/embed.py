@@ -2,8 +2,9 @@
 
     python -m evaluators.embed --checkpoint PATH --volume scan.nii.gz|DICOM_DIR [--out emb.npy]
 
-The volume goes through the same reader and canonical grid as ingest (orientation, spacing,
-pad/crop from the checkpoint's config), so any NIfTI orientation or DICOM series works.
+The volume goes through the same reader, checks and canonical grid as ingest
+(``data_service.preprocess.load_canonical`` with the checkpoint's config): any NIfTI orientation
+or DICOM series works, and what ingest rejects is rejected here with the same reason.
 """
 from __future__ import annotations
 
@@ -17,23 +18,19 @@ import torch
 
 
 @torch.no_grad()
-def embed_volume(checkpoint: str, volume: str) -> dict:
-    from data_service.io import read_volume
-    from data_service.preprocess import CanonicalCT, normalize_hu
+def embed_volume(checkpoint: str, volume: str, ensemble: bool = False) -> dict:
+    from common.labels import FINDINGS
+    from data_service.preprocess import load_canonical, to_model_input
     from evaluators.tasks.zeroshot import prompt_embeddings, zeroshot_probs
-    from trainer.config import FINDINGS
     from trainer.engine import load_export
 
     model, tok, cfg, info = load_export(checkpoint)
-    d = cfg.data
-    vol = read_volume(volume, min_slices=d.min_slices, max_spacing_jitter_mm=d.max_spacing_jitter_mm,
-                      max_tilt_deg=d.max_gantry_tilt_deg)
-    hu, _ = CanonicalCT(d.spacing, d.size, d.orientation, d.hu_clip)(vol.array, vol.affine)
-    x = normalize_hu(torch.from_numpy(hu.astype(np.float32)), d.hu_window)[None, None]
-    img, _ = model.encode_image(x)
-    probs = zeroshot_probs(img, prompt_embeddings(model, tok), float(model.logit_scale.detach().exp().clamp(max=100)))
+    c = load_canonical(volume, cfg.data)                      # the same reader and checks as ingest
+    img, _ = model.encode_image(to_model_input(torch.from_numpy(c.hu), cfg.data)[None, None])
+    probs = zeroshot_probs(img, prompt_embeddings(model, tok, cfg, ensemble=ensemble),
+                           float(model.logit_scale.detach().exp().clamp(max=100)))
     return {"embedding": img[0].numpy(), "probabilities": dict(zip(FINDINGS, map(float, probs[0]))),
-            "step": info.get("step"), "geometry": vol.meta}
+            "step": info.get("step"), "geometry": c.geometry}
 
 
 def main(argv=None) -> int:
@@ -41,11 +38,12 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--volume", required=True, help="a NIfTI file or a folder of one DICOM series")
     p.add_argument("--out", default=None, help="embedding .npy (default: <volume name>.t3d.npy here)")
+    p.add_argument("--prompt-ensemble", action="store_true", help="average several rephrasings of each prompt")
     a = p.parse_args(argv)
     from data_service.io import Reject
 
     try:
-        r = embed_volume(a.checkpoint, a.volume)
+        r = embed_volume(a.checkpoint, a.volume, a.prompt_ensemble)
     except Reject as e:
         raise SystemExit(f"{a.volume}: cannot use this volume: {e}")
     out = Path(a.out or Path(a.volume.rstrip("/")).name.replace(".nii.gz", "").replace(".nii", "") + ".t3d.npy")

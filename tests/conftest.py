@@ -23,7 +23,7 @@ def realdata() -> Path:
 
 @pytest.fixture(scope="session")
 def debug_cfg():
-    from trainer.config import load_config
+    from common.config import load_config
 
     return load_config(REPO / "configs" / "debug.yaml")
 

@@ -4,6 +4,11 @@ Runner code (imports DeepSpeed); the model itself stays free of it.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.config import Config
+
 import json
 import os
 import random
@@ -13,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.config import Config, save_config
+from common.config import save_config
 
 TAG = "ds"
 EXPORT = "model.safetensors"
@@ -41,35 +46,74 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
                                                   "betas": [0.9, 0.98], "eps": 1e-6,
                                                   "torch_adam": not on_gpu}},
         "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": max(t.steps, t.warmup_steps + 1), "warmup_num_steps": t.warmup_steps,
+            "total_num_steps": max(t.steps, t.warmup_steps + 1),  # DeepSpeed needs >= 1 warmup step
+            "warmup_num_steps": max(1, t.warmup_steps),
             "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"}},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on 1-d parameters (biases, norms, the temperature), as CLIP
+    does; the text tower (``text.*``) at ``train.lr x train.text_lr_mult``."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name.startswith("text."), p.ndim >= 2), []).append(p)
+    t = cfg.train
+    return [{"params": ps, "lr": t.lr * (t.text_lr_mult if text else 1.0),
+             "weight_decay": t.weight_decay if decay else 0.0}
+            for (text, decay), ps in sorted(groups.items())]
+
+
+def ensure_process_group() -> None:
+    """A one-process gloo group when none exists (single-process runs and tests), so that the same
+    DeepSpeed engine serves them as serves the Ray Train workers."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"), ("WORLD_SIZE", "1"),
+                 ("LOCAL_RANK", "0")):
+        os.environ.setdefault(k, v)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
 def init_engine(model: torch.nn.Module, cfg: Config):
-    """Wraps ``model``; reuses the torch.distributed group that Ray Train created."""
+    """Wraps ``model``; reuses the torch.distributed group that Ray Train created (or a one-process
+    group outside Ray)."""
     import deepspeed
 
-    if torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                          if p.requires_grad],
+    ensure_process_group()
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
                                            config=deepspeed_config(cfg))
     return engine
 
 
 def rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values (loadable with ``weights_only=True``)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+          "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    version, mt, gauss = st["python"]
+    random.setstate((version, tuple(int(v) for v in mt.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -102,7 +146,7 @@ def load(engine, ckpt_dir: str | Path, rank: int) -> dict[str, Any]:
                     b.copy_(saved[k].to(b.device))
     rng = ckpt_dir / f"rng_rank{rank}.pt"
     if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(torch.load(rng, weights_only=True))
     return json.loads((ckpt_dir / "state.json").read_text())
 
 
@@ -144,9 +188,9 @@ def load_export(path: str | Path):
     """(model, tokenizer, cfg, info) from an export folder (a checkpoint dir or its export/)."""
     from safetensors.torch import load_file
 
-    from trainer.config import load_config
+    from common.config import load_config
+    from common.text import load_tokenizer
     from trainer.model import build_model
-    from trainer.model.text import load_tokenizer
 
     p = Path(path)
     if (p / "export" / EXPORT).is_file():

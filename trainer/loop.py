@@ -1,157 +1,228 @@
-"""Per-worker training loop run by Ray Train: batches -> T3D -> losses -> DeepSpeed step.
+"""Per-worker training loop run by Ray Train, in named phases:
+
+    setup -> resume -> for each micro-batch: step -> (at an optimizer step) log -> checkpoint -> callbacks
 
 Checkpoint every ``train.checkpoint_every`` optimizer steps: every rank saves its DeepSpeed
 partitions and RNG into a local folder, rank 0 adds the loop state (step, data position, MLflow
 run id) and the consolidated fp32 export, and every rank reports it to Ray Train under the name
 ``step_{step:07d}`` (Ray merges the ranks' folders). A restarted attempt loads the latest one.
+Faults and extensions come in as ``LoopCallback`` objects (tests install them; no config key).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.config import Config
+
 import json
-import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from data_service.shards import iter_split
 from data_service.stream import Plan, build_index, rank_stream
 from trainer import engine as eng
-from trainer.config import config_from_dict
+from trainer.health import CollapseMonitor, health_metrics
 from trainer.losses import T3DLoss
+from trainer.losses.dist import all_reduce_min
 from trainer.model import build_model
-from trainer.model.text import load_tokenizer
+from trainer.model.text import tokenize_reports
+from trainer.step import Batch, model_inputs, train_step
+from trainer.tracking import Tracker
 
 
-class Tracker:
-    """Rank-0 MLflow logging over HTTP; a no-op without a tracking URI."""
+class LoopCallback:
+    """Extension points of the loop; every method is optional. ``run`` is the worker's ``Run``."""
 
-    def __init__(self, uri: str | None, run_id: str | None):
-        self.client = None
-        if uri and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client, self.run_id = MlflowClient(uri), run_id
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()
-                                                    if np.isfinite(v)])
+    def on_step(self, run: "Run") -> None:
+        """After each optimizer step (and its log and checkpoint)."""
 
 
-def _all_min(x: int) -> int:
-    t = torch.tensor([x])
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+@dataclass
+class LoopArgs:
+    """What the driver (``trainer.pretrain.fit``) hands every worker."""
+    cfg: Config
+    tokenizer_dir: str
+    run_dir: str
+    mlflow_uri: str | None = None
+    mlflow_run_id: str | None = None
+    log_samples: bool = False
+    callbacks: list[LoopCallback] = field(default_factory=list)
 
 
-def train_loop(loop_cfg: dict[str, Any]) -> None:
+@dataclass
+class Run:
+    """One worker's state through the phases."""
+    args: LoopArgs
+    rank: int
+    world: int
+    engine: Any
+    loss_fn: T3DLoss
+    tracker: Tracker
+    dtype: torch.dtype
+    state: dict[str, Any]
+    index: dict = field(default_factory=dict)      # train key -> shard and byte offsets
+    plan: Plan | None = None                       # the exact data order (data_service.stream)
+    health: Batch | None = None
+    monitor: CollapseMonitor | None = None
+    logs: dict[str, float] = field(default_factory=dict)
+    clock: tuple[float, int] = (0.0, 0)            # (time, samples) at the last log
+
+    @property
+    def cfg(self) -> Config:
+        return self.args.cfg
+
+
+# ------------------------------------------------------------------------------------------ phases
+def setup(args: LoopArgs, rank: int, world: int) -> Run:
+    """Seeds, tokenizer, model (identical init on every rank), DeepSpeed engine, tracker, health batch."""
+    from common.text import load_tokenizer
+
+    cfg = args.cfg
+    np.random.seed(cfg.train.seed + rank)
+    tokenizer = load_tokenizer(args.tokenizer_dir)
+    torch.manual_seed(cfg.train.seed)                      # identical init on every rank
+    engine = eng.init_engine(build_model(cfg, len(tokenizer)), cfg)
+    torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # then per rank: dropout differs across ranks
+    tracker = Tracker(args.mlflow_uri, args.mlflow_run_id) if rank == 0 else Tracker(None, None)
+    state = {"step": 0, "micro": 0, "samples": 0, "corrupt": 0, "dropped": 0}
+    run = Run(args, rank, world, engine, T3DLoss(cfg.tma), tracker,
+              torch.bfloat16 if eng.use_bf16(cfg) else torch.float32, state)
+    run.index = build_index(cfg.data.shards, "train")
+    run.plan = Plan(sorted(run.index), world, cfg.train.batch_size, cfg.train.seed)
+    if cfg.train.health_batch > 1:
+        run.health = health_batch(cfg, tokenizer, engine.device)
+        run.monitor = CollapseMonitor(cfg.train.collapse_cosine, cfg.train.collapse_patience)
+    return run
+
+
+def health_batch(cfg: Config, tokenizer, device) -> Batch:
+    """The first ``train.health_batch`` train studies (shard order), unaugmented: the same on every rank."""
+    samples = []
+    for s in iter_split(cfg.data.shards, "train"):
+        samples.append(s)
+        if len(samples) == cfg.train.health_batch:
+            break
+    enc = tokenize_reports(tokenizer, [s["report"] for s in samples], cfg)
+    params = torch.zeros(len(samples), 1, 7, dtype=torch.float64)
+    params[:, 0, 3] = 1.0                                  # scale 1, no flips, no shift, no noise
+    return Batch(torch.from_numpy(np.stack([s["ct"] for s in samples])[:, None]).to(device), None,
+                 params.to(device), enc["input_ids"].to(device), enc["attention_mask"].to(device))
+
+
+def resume(run: Run) -> None:
+    """Load the latest checkpoint Ray Train hands this attempt (if any)."""
     import ray.train
 
-    cfg = config_from_dict(loop_cfg["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    np.random.seed(cfg.train.seed + rank)
-    tok_dir = loop_cfg["tokenizer_dir"]
-    tokenizer = load_tokenizer(tok_dir)
-    torch.manual_seed(cfg.train.seed)                      # identical init on every rank
-    model = build_model(cfg, len(tokenizer))
-    engine = eng.init_engine(model, cfg)
-    torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # then per rank: dropout differs across ranks
-    device = engine.device
-    state = {"step": 0, "micro": 0, "samples": 0, "corrupt": 0, "dropped": 0}
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state.update(eng.load(engine, d, rank))
-        if rank == 0:
-            print(f"[t3d] resumed from {ckpt.path} at step {state['step']} (micro {state['micro']})", flush=True)
-    index = build_index(cfg.data.shards, "train")
-    plan = Plan(sorted(index), world, cfg.train.batch_size, cfg.train.seed)
+    if ckpt is None:
+        if run.rank == 0:
+            run.tracker.log({"data/unused_per_epoch": run.plan.unused_per_epoch,
+                             "data/steps_per_epoch": run.plan.steps_per_epoch / run.cfg.train.grad_accum}, 0)
+        return
+    with ckpt.as_directory() as d:
+        run.state.update(eng.load(run.engine, d, run.rank))
+    if run.rank == 0:
+        print(f"[t3d] resumed from {ckpt.path} at step {run.state['step']} (micro {run.state['micro']})", flush=True)
+
+
+def batches(run: Run) -> Iterator[tuple[int, Batch | None]]:
+    """(micro-step, batch) from this rank's plan, from the resumed position on. Corrupt samples
+    are printed and counted; every rank trims to the smallest valid batch (the gathers need equal
+    sizes), and a micro-step left empty everywhere yields None."""
+    cfg, state = run.cfg, run.state
     total_micro = cfg.train.steps * cfg.train.grad_accum
-    tracker = Tracker(loop_cfg.get("mlflow_uri"), loop_cfg.get("mlflow_run_id")) if rank == 0 else Tracker(None, None)
-    if rank == 0 and state["step"] == 0:
-        tracker.log({"data/unused_per_epoch": plan.unused_per_epoch,
-                     "data/steps_per_epoch": plan.steps_per_epoch / cfg.train.grad_accum}, 0)
-    loss_fn = T3DLoss(cfg.tma)
-    sample_log = Path(loop_cfg["run_dir"]) / f"samples_rank{rank}.jsonl" if loop_cfg.get("log_samples") else None
-    dtype = torch.bfloat16 if eng.use_bf16(cfg) else torch.float32
-    t_last, n_last, logs = time.time(), 0, {}
-    stream = rank_stream(index, plan, rank, state["micro"], total_micro - state["micro"], cfg.data, tok_dir)
-    for batch in stream:
-        micro = int(batch["micro"][0])
-        ok = batch["ok"].astype(bool)
-        for k, err in zip(batch["key"][~ok], batch["error"][~ok]):
-            print(f"[t3d] rank {rank}: corrupt sample {k} skipped: {err}", flush=True)
-        n_ok = _all_min(int(ok.sum()))                     # equal batch sizes for the gathers
+    views = cfg.tma.enabled and cfg.data.views.n > 0
+    for b in rank_stream(run.index, run.plan, run.rank, state["micro"], total_micro - state["micro"], cfg.data,
+                         run.args.tokenizer_dir, cfg.model.text_unit):
+        micro = int(b["micro"][0])
+        ok = b["ok"].astype(bool)
+        for k, err in zip(b["key"][~ok], b["error"][~ok]):
+            print(f"[t3d] rank {run.rank}: corrupt sample {k} skipped: {err}", flush=True)
+        n_ok = all_reduce_min(int(ok.sum()))
         keep = np.flatnonzero(ok)[:n_ok]
         state["corrupt"] += int((~ok).sum())
         state["dropped"] += int(ok.sum()) - n_ok
-        if n_ok == 0:
-            state["micro"] = micro + 1
-            continue
-        to = lambda a, dt=None: torch.from_numpy(np.ascontiguousarray(a[keep])).to(device, dt)  # noqa: E731
-        out = engine(to(batch["image"], dtype), to(batch["input_ids"]), to(batch["attention_mask"]),
-                     to(batch["views"], dtype) if cfg.tma.enabled and cfg.data.views.n > 0 else None)
-        loss, logs = loss_fn(out)
-        engine.backward(loss)
-        engine.step()
+        if run.args.log_samples and n_ok:
+            with open(Path(run.args.run_dir) / f"samples_rank{run.rank}.jsonl", "a") as f:
+                f.write(json.dumps({"micro": micro, "keys": [str(k) for k in b["key"][keep]]}) + "\n")
+        yield micro, (Batch.from_numpy(b, run.engine.device, views, keep) if n_ok else None)
+
+
+def log(run: Run) -> None:
+    """Loss terms, lr, throughput, data counters and representation health (all ranks compute the
+    health metrics: under ZeRO-3 the forward gathers parameters collectively)."""
+    cfg, state, step = run.cfg, run.state, run.state["step"]
+    metrics = {f"loss/{k}": v for k, v in run.logs.items()}
+    if run.health is not None:
+        image, _ = model_inputs(run.health, cfg.data, run.dtype)
+        metrics.update(health_metrics(run.engine.module, image, run.health.input_ids, run.health.attention_mask))
+        for w in run.monitor.update(metrics, step):
+            if run.rank == 0:
+                print(f"[t3d] {w}", flush=True)
+    t, n = run.clock
+    dt, dn = time.time() - t, state["samples"] - n
+    metrics.update({"lr": run.engine.get_lr()[0], "samples_per_s": dn / max(dt, 1e-9),
+                    "views_per_s": dn * cfg.data.views.n / max(dt, 1e-9),
+                    "data/corrupt_skipped": state["corrupt"], "data/dropped_uneven": state["dropped"]})
+    if torch.cuda.is_available():
+        metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    run.tracker.log(metrics, step)
+    state["samples_per_s"] = round(metrics["samples_per_s"], 3)
+    if run.rank == 0:
+        shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("loss/", "health/"))}
+        print(f"[t3d] step {step}/{cfg.train.steps} {json.dumps(shown)} {metrics['samples_per_s']:.1f} samples/s",
+              flush=True)
+    run.clock = (time.time(), state["samples"])
+
+
+def checkpoint(run: Run) -> None:
+    """Every rank saves into one folder and reports it; rank 0 adds the state and the export."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    step, args = run.state["step"], run.args
+    with tempfile.TemporaryDirectory() as d:
+        full = {**run.state, "mlflow_run_id": args.mlflow_run_id, "time": time.time(), "loss": run.logs.get("loss")}
+        eng.save(run.engine, d, run.rank, full)
+        eng.export(run.engine, Path(d) / "export", run.cfg, run.rank,
+                   {"step": step, "tokenizer_dir": args.tokenizer_dir, "mlflow_run_id": args.mlflow_run_id,
+                    "loss": run.logs.get("loss")})
+        ray.train.report({"step": step, **run.logs}, checkpoint=Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"step_{step:07d}")
+
+
+# --------------------------------------------------------------------------------------- the loop
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function; ``config = {"args": LoopArgs}``."""
+    import ray.train
+
+    args: LoopArgs = config["args"]
+    ctx = ray.train.get_context()
+    run = setup(args, ctx.get_world_rank(), ctx.get_world_size())
+    resume(run)
+    cfg, state = run.cfg, run.state
+    run.clock = (time.time(), state["samples"])
+    for micro, batch in batches(run):
+        if batch is not None:
+            run.logs = train_step(run.engine, run.loss_fn, batch, cfg.data, run.dtype, cfg.tma.kernel)
+            state["samples"] += len(batch) * run.world
         state["micro"] = micro + 1
-        state["samples"] += n_ok * world
-        if sample_log is not None:
-            with open(sample_log, "a") as f:
-                f.write(json.dumps({"micro": micro, "keys": [str(k) for k in batch["key"][keep]]}) + "\n")
         if state["micro"] % cfg.train.grad_accum:
             continue
         state["step"] = step = state["micro"] // cfg.train.grad_accum
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            dt = time.time() - t_last
-            n = state["samples"] - n_last
-            metrics = {f"loss/{k}": v for k, v in logs.items()}
-            metrics.update({"lr": engine.get_lr()[0], "samples_per_s": n / max(dt, 1e-9),
-                            "views_per_s": n * cfg.data.views.n / max(dt, 1e-9),
-                            "data/corrupt_skipped": state["corrupt"], "data/dropped_uneven": state["dropped"]})
-            if torch.cuda.is_available():
-                metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            tracker.log(metrics, step)
-            state["samples_per_s"] = round(metrics["samples_per_s"], 3)
-            if rank == 0:
-                print(f"[t3d] step {step}/{cfg.train.steps} loss {logs['loss']:.4f} "
-                      f"{json.dumps({k: round(v, 4) for k, v in logs.items()})} {metrics['samples_per_s']:.1f} samples/s",
-                      flush=True)
-            t_last, n_last = time.time(), state["samples"]
+            log(run)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            _checkpoint(engine, cfg, rank, state, logs, loop_cfg)
-        if step == cfg.train.fail_at_step and rank == world - 1:
-            marker = Path(loop_cfg["run_dir"]) / f"failed_at_{step}"
-            if not marker.exists():
-                marker.write_text("injected failure")
-                time.sleep(5)          # let Ray register the checkpoint first (docs/design.md)
-                print(f"[t3d] rank {rank}: injected failure at step {step}", flush=True)
-                os._exit(1)
+            checkpoint(run)
+        for cb in args.callbacks:
+            cb.on_step(run)
         if step >= cfg.train.steps:
             break
-
-
-def _checkpoint(engine, cfg, rank, state, logs, loop_cfg) -> None:
-    import ray.train
-    from ray.train import Checkpoint
-
-    step = state["step"]
-    with tempfile.TemporaryDirectory() as d:
-        full = {**state, "mlflow_run_id": loop_cfg.get("mlflow_run_id"), "time": time.time(),
-                "loss": logs.get("loss")}
-        eng.save(engine, d, rank, full)
-        eng.export(engine, Path(d) / "export", cfg, rank,
-                   {"step": step, "tokenizer_dir": loop_cfg["tokenizer_dir"],
-                    "mlflow_run_id": loop_cfg.get("mlflow_run_id"), "loss": logs.get("loss")})
-        metrics = {"step": step, **logs}
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step_{step:07d}")
+    run.tracker.flush()

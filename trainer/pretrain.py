@@ -11,14 +11,18 @@ MLflow run id, so re-running the same command resumes the same run and MLflow ru
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.config import Config
+
 import argparse
-import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
-from trainer.config import Config, add_config_args, load_config, save_config
+from common.config import add_config_args, load_config, load_object, save_config
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
@@ -37,12 +41,12 @@ def prepare_tokenizer(cfg: Config, run_dir: Path) -> str:
     if (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file():
         return str(out)
     if cfg.model.text_encoder:
-        from trainer.model.text import load_tokenizer
+        from common.text import load_tokenizer
 
         load_tokenizer(cfg.model.text_encoder).save_pretrained(str(out))
     else:
+        from common.text import build_tokenizer
         from data_service.shards import iter_split
-        from trainer.model.text import build_tokenizer
 
         reports = [s["report"] for s in iter_split(cfg.data.shards, "train", decode_ct=False)]
         build_tokenizer(reports, cfg.model.vocab_size, out)
@@ -97,12 +101,14 @@ def init_ray(cfg: Config) -> None:
     ray.init(num_cpus=n, include_dashboard=False, object_store_memory=cfg.data.object_store_mb * 2**20)
 
 
-def fit(cfg: Config, log_samples: bool = False):
-    import ray.train
+def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, run_callbacks: list | None = None):
+    """Train ``cfg`` on the Ray cluster. ``callbacks``: ``trainer.loop.LoopCallback`` objects every
+    worker runs (tests inject faults this way); ``run_callbacks``: Ray Train driver-side callbacks
+    (e.g. the sweep's reporting to Tune). Returns (result, run folder, MLflow uri, run id)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainer.loop import train_loop
+    from trainer.loop import LoopArgs, train_loop
 
     cfg = resolve_paths(cfg)
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
@@ -111,24 +117,19 @@ def fit(cfg: Config, log_samples: bool = False):
     tok_dir = prepare_tokenizer(cfg, run_dir)
     uri, run_id = mlflow_run(cfg, run_dir)
     init_ray(cfg)
-    loop_cfg = {"config": cfg.to_dict(), "tokenizer_dir": tok_dir, "run_dir": str(run_dir),
-                "mlflow_uri": uri, "mlflow_run_id": run_id, "log_samples": log_samples}
+    args = LoopArgs(cfg, tok_dir, str(run_dir), uri, run_id, log_samples, list(callbacks or []))
     trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_cfg,
+        train_loop, train_loop_config={"args": args},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.train.run_name, storage_path=cfg.train.output_dir,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             callbacks=list(run_callbacks or []),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
     evaluator = None
-    if cfg.eval.enabled:
-        from evaluators.actor import EvalThread
-
-        evaluator = EvalThread(str(run_dir), cfg.data.shards, list(cfg.eval.tasks), uri, cfg.eval.cpus,
-                               cfg.eval.every_n_checkpoints, cfg.eval.poll_seconds, cfg.eval.best_metric,
-                               cfg.eval.registry_name or cfg.train.run_name, cfg.eval.gpus,
-                               fail_marker=str(run_dir / "eval_crashed_once") if cfg.eval.crash_once else None).start()
+    if cfg.eval.enabled:       # the evaluator named by the config (default evaluators.actor:EvalThread)
+        evaluator = load_object(cfg.eval.watcher, "eval.watcher")(str(run_dir), cfg, uri).start()
     result = trainer.fit()
     if evaluator is not None:
         evaluator.finish()

@@ -1,11 +1,11 @@
-"""Linear probe: logistic regression on frozen image embeddings, per-label AUC."""
+"""Linear probe: logistic regression on frozen embeddings (image or report), per-label AUC."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
 
-from trainer.config import FINDINGS
+from common.labels import FINDINGS
 
 
 def linear_probe_auc(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,

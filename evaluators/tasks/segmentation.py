@@ -28,7 +28,7 @@ class ResNetUNet(nn.Module):
         self.net = encoder.net
         n = self.net
         stages = [n.layer1, n.layer2, n.layer3, n.layer4]
-        widths = [n.bn1.num_features] + [_out_channels(s) for s in stages]      # stem, layer1..4
+        widths = [_channels(n.bn1)] + [_out_channels(s) for s in stages]       # stem, layer1..4
         self.up = nn.ModuleList()
         deep = widths[-1]
         for skip in reversed(widths[:-1]):                                        # layer3, 2, 1, stem
@@ -52,9 +52,16 @@ class ResNetUNet(nn.Module):
         return self.head(h)
 
 
+_NORMS = (nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm3d)
+
+
+def _channels(norm: nn.Module) -> int:
+    return norm.num_channels if isinstance(norm, nn.GroupNorm) else norm.num_features
+
+
 def _out_channels(stage: nn.Module) -> int:
-    """Output channels of a ResNet stage: its last BatchNorm (block output or downsample) sees them."""
-    return [m for m in stage.modules() if isinstance(m, nn.BatchNorm3d)][-1].num_features
+    """Output channels of a ResNet stage: its last norm layer (block output or downsample) sees them."""
+    return _channels([m for m in stage.modules() if isinstance(m, _NORMS)][-1])
 
 
 def check_masks(masks: Sequence[torch.Tensor], keys: Sequence[str], n_classes: int) -> None:

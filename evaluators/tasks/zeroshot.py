@@ -1,7 +1,14 @@
 """Zero-shot abnormality classification (CT-RATE protocol).
 
-For each label, prompts "{finding} is present." / "{finding} is not present."; the softmax over
-the two image-text similarities (scaled by the model's temperature) is P(present).
+For each label the prompts "{finding} is present." / "{finding} is not present." are embedded; the
+softmax over the two image-text similarities (scaled by the model's temperature) is P(present).
+``eval.prompts=ensemble`` averages several rephrasings of each side instead (CLIP's prompt
+ensembling): the score must not hinge on one wording.
+
+The protocol (``score_zeroshot``): per label, the max-F1 threshold is chosen on the threshold split
+(``eval.split_threshold``, valid) and applied to the test split; AUC with a stratified bootstrap
+95% CI over resampled test studies (scikit-learn's ``resample``, both classes in every resample);
+ACC, F1 and precision at the threshold.
 """
 from __future__ import annotations
 
@@ -10,35 +17,91 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from trainer.config import FINDINGS
+from common.labels import FINDINGS
 
 PROMPTS = ("{} is present.", "{} is not present.")
+ENSEMBLE = (("{} is present.", "There is {}.", "{} is seen.", "Findings consistent with {}.", "{} is noted."),
+            ("{} is not present.", "There is no {}.", "No {} is seen.", "No evidence of {}.", "{} is absent."))
 
 
 @torch.no_grad()
-def prompt_embeddings(model, tokenizer, findings: Sequence[str] = FINDINGS, max_tokens: int = 32) -> torch.Tensor:
-    """-> (F, 2, E) normalized text embeddings of the positive/negative prompts."""
-    texts = [p.format(f) for f in findings for p in PROMPTS]
-    enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
-    txt, _, _ = model.encode_text(enc["input_ids"], enc["attention_mask"])
-    return txt.view(len(findings), 2, -1)
+def prompt_embeddings(model, tokenizer, cfg, findings: Sequence[str] = FINDINGS, ensemble: bool = False) -> torch.Tensor:
+    """-> (F, 2, E) normalized text embeddings of the positive / negative prompt (or the
+    renormalized mean over each side's rephrasings), tokenized as the model's reports are."""
+    from trainer.model.text import tokenize_reports
+
+    sides = ENSEMBLE if ensemble else tuple((p,) for p in PROMPTS)
+    texts = [t.format(f) for f in findings for side in sides for t in side]
+    enc = tokenize_reports(tokenizer, texts, cfg)
+    dev = next(model.parameters()).device
+    txt, _, _ = model.encode_text(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
+    txt = txt.float().view(len(findings), 2, len(sides[0]), -1).mean(2)
+    return torch.nn.functional.normalize(txt, dim=-1)
 
 
 @torch.no_grad()
 def zeroshot_probs(img_emb: torch.Tensor, prompts: torch.Tensor, logit_scale: float) -> np.ndarray:
     """img_emb (N,E), prompts (F,2,E) -> P(present) (N,F)."""
-    logits = logit_scale * torch.einsum("ne,fpe->nfp", img_emb.float(), prompts.float())
+    logits = logit_scale * torch.einsum("ne,fpe->nfp", img_emb.float(), prompts.float().to(img_emb.device))
     return logits.softmax(-1)[..., 0].cpu().numpy()
 
 
-def per_label_auc(probs: np.ndarray, labels: np.ndarray, findings: Sequence[str] = FINDINGS) -> dict[str, float]:
-    """AUC per label; labels with only one class present get NaN (AUC undefined)."""
+def auc_with_ci(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, float, float, int]:
+    """(AUC, CI low, CI high, resamples) with a stratified percentile bootstrap (95%)."""
     from sklearn.metrics import roc_auc_score
+    from sklearn.utils import resample
 
-    if probs.shape != labels.shape:
-        raise ValueError(f"probs {probs.shape} and labels {labels.shape} differ")
-    out = {}
+    auc = float(roc_auc_score(y, p))
+    if n_boot <= 0:
+        return auc, float("nan"), float("nan"), 0
+    idx = np.arange(len(y))
+    boots = [roc_auc_score(y[b], p[b]) for b in
+             (resample(idx, replace=True, stratify=y, random_state=seed + i) for i in range(n_boot))]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return auc, float(lo), float(hi), n_boot
+
+
+def max_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The score threshold with the highest F1 (scikit-learn's precision-recall curve)."""
+    from sklearn.metrics import precision_recall_curve
+
+    prec, rec, thr = precision_recall_curve(y, p)
+    f1 = 2 * prec[:-1] * rec[:-1] / np.clip(prec[:-1] + rec[:-1], 1e-12, None)
+    return float(thr[int(np.argmax(f1))])
+
+
+def two_classes(y: np.ndarray) -> bool:
+    return 0 < y.sum() < len(y)
+
+
+def score_zeroshot(p_thr: np.ndarray, y_thr: np.ndarray, p_test: np.ndarray, y_test: np.ndarray,
+                   n_boot: int, seed: int = 0, findings: Sequence[str] = FINDINGS) -> tuple[dict, list, dict]:
+    """P(present) and labels on the threshold and test splits -> (metrics, per-label table, ROC curves).
+    Labels without both classes in either split are listed as not scored, and not averaged in."""
+    from sklearn.metrics import f1_score, precision_score, roc_curve
+
+    out, table, rocs = {}, [], {}
     for k, f in enumerate(findings):
-        y = labels[:, k]
-        out[f] = float(roc_auc_score(y, probs[:, k])) if 0 < y.sum() < len(y) else float("nan")
-    return out
+        row = {"label": f, "n_test": len(y_test), "positives_test": int(y_test[:, k].sum()),
+               "positives_threshold_split": int(y_thr[:, k].sum()), "scored": False}
+        table.append(row)
+        if not (two_classes(y_test[:, k]) and two_classes(y_thr[:, k])):
+            continue
+        thr = max_f1_threshold(y_thr[:, k], p_thr[:, k])
+        pred = p_test[:, k] >= thr
+        auc, lo, hi, nb = auc_with_ci(y_test[:, k], p_test[:, k], n_boot, seed + 1000 * k)
+        fpr, tpr, _ = roc_curve(y_test[:, k], p_test[:, k])
+        rocs[f] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": auc}
+        row.update(scored=True, auc=auc, auc_ci_lo=lo, auc_ci_hi=hi, bootstrap=nb, threshold=thr,
+                   acc=float((pred == y_test[:, k]).mean()), f1=float(f1_score(y_test[:, k], pred, zero_division=0)),
+                   precision=float(precision_score(y_test[:, k], pred, zero_division=0)))
+        out[f"zeroshot/auc/{f}"] = auc
+        if nb:
+            out[f"zeroshot/auc_ci_lo/{f}"], out[f"zeroshot/auc_ci_hi/{f}"] = lo, hi
+    scored = [r for r in table if r["scored"]]
+    if not scored:
+        raise ValueError("no label has both classes in the threshold and the test split")
+    for m in ("auc", "acc", "f1", "precision"):
+        out[f"zeroshot/mean_{m}"] = float(np.mean([r[m] for r in scored]))
+    out["zeroshot/n_labels"] = float(len(scored))
+    return out, table, rocs

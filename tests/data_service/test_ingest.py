@@ -10,10 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
+from common.labels import FINDINGS
 from data_service import ingest, synth
-from data_service.shards import iter_raw, iter_split, load_manifest
+from data_service.shards import iter_split, load_manifest
 from data_service.sources import discover
-from trainer.config import FINDINGS
 
 
 def _rejects(out):

@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
+from data_service.config import AugmentConfig, ViewsConfig
+from data_service.shards import iter_split
 from data_service.stream import DecodeCrop, Plan, build_index
-from data_service.views import MultiViewCrop
-from trainer.config import ViewsConfig
+from data_service.views import N_PARAMS, MultiViewCrop, augment_report, shift_volume
 
 
 def test_plan_is_exact_and_resumable():
@@ -34,24 +34,42 @@ def test_plan_is_exact_and_resumable():
 def test_views_deterministic_per_seed():
     cfg = ViewsConfig(n=3, size=[16, 16, 8], scale=[0.4, 0.6])
     t = MultiViewCrop(cfg)
-    vol = torch.rand(1, 40, 40, 20)
-    a, b, c = t(vol, 1), t(vol, 1), t(vol, 2)
-    assert a.shape == (3, 1, 16, 16, 8)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    vol = np.random.default_rng(0).integers(-1000, 1000, (40, 40, 20)).astype(np.int16)
+    (a, pa), (b, pb), (c, _) = (t(vol, np.random.default_rng(s)) for s in (1, 1, 2))
+    assert a.shape == (3, 1, 16, 16, 8) and a.dtype == np.int16 and pa.shape == (3, N_PARAMS)
+    assert np.array_equal(a, b) and np.array_equal(pa, pb) and not np.array_equal(a, c)
+    # a crop of scale s covers s x the edge, resized: a constant volume stays constant
+    const, _ = t(np.full((40, 40, 20), 123, np.int16), np.random.default_rng(3))
+    assert (const == 123).all()
     with pytest.raises(ValueError, match="volume must be"):
-        t(torch.rand(40, 40, 20), 0)
+        t(vol[None], np.random.default_rng(0))
+
+
+def test_report_sampling_and_shift():
+    aug = AugmentConfig(sentence_keep=0.5, sentence_shuffle=True)
+    text = "Findings: A b. C d. E f. G h.\nImpression: X; Y."
+    outs = {augment_report(text, np.random.default_rng(s), aug) for s in range(30)}
+    assert len(outs) > 10
+    for o in outs:
+        words = set(o.replace("Findings: ", "").replace("Impression: ", "").replace("\n", " ").split())
+        assert words and words <= set("A b. C d. E f. G h. X; Y.".split())    # only whole sentences survive
+    assert augment_report(text, np.random.default_rng(0), AugmentConfig()) == text     # off: unchanged
+    vol = np.arange(10 * 10 * 10, dtype=np.int16).reshape(10, 10, 10)
+    moved = shift_volume(vol, np.random.default_rng(4), 0.2)
+    assert moved.shape == vol.shape and not np.array_equal(moved, vol)
+    assert (moved == -1024).any()                                         # air comes in at the edge
+    kept = moved[moved != -1024]
+    assert set(kept.tolist()) <= set(vol.ravel().tolist())
 
 
 def test_decode_actor_flags_corrupt_sample(phantom, debug_cfg, tmp_path):
-    import dataclasses
-
-    from trainer.model.text import build_tokenizer
+    from common.text import build_tokenizer
 
     index = build_index(phantom / "shards", "train")
     keys = sorted(index)[:3]
     tok_dir = tmp_path / "tok"
     build_tokenizer(["no pleural effusion", "cardiomegaly is present"], 200, tok_dir)
-    actor = DecodeCrop(dataclasses.asdict(debug_cfg.data), str(tok_dir), seed=0)
+    actor = DecodeCrop(debug_cfg.data, str(tok_dir), seed=0)
     members = [dict(index[k]["members"]) for k in keys]
     off, size = members[1]["ct.npz"]
     members[1]["ct.npz"] = [off, size // 2]                   # a truncated member inside the shard
@@ -62,4 +80,7 @@ def test_decode_actor_flags_corrupt_sample(phantom, debug_cfg, tmp_path):
     assert out["ok"].tolist() == [1, 0, 1]
     assert keys[1] in out["error"][1] and "ct.npz" in out["error"][1]
     assert out["views"].shape == (3, debug_cfg.data.views.n, 1, *debug_cfg.data.views.size)
-    assert np.isfinite(out["image"]).all() and out["image"][0].max() <= 1.0
+    assert out["image"].dtype == np.int16 and out["params"].shape == (3, 1 + debug_cfg.data.views.n, N_PARAMS)
+    good = [s for s in iter_split(phantom / "shards", "train") if s["key"] == keys[0]][0]
+    assert np.array_equal(out["image"][0, 0], good["ct"])        # no shift configured: the stored volume
+    assert not out["views"][1].any() and out["error"][0] == ""

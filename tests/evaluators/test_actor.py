@@ -7,6 +7,7 @@ import pytest
 
 from evaluators.actor import Ledger, evaluate_pending, ready_checkpoints
 from tests.evaluators.test_tasks import _plain_export
+from tests.faults import crash_once
 
 
 @pytest.fixture()
@@ -23,8 +24,10 @@ def test_ledger_survives_restart(run_dir, phantom):
     assert [(n["checkpoint"], n["step"]) for n in first] == [("step_0000007", 7), ("step_0000014", 14)]
     # a new evaluator (restart) finds everything in the ledger: nothing repeated, nothing lost
     assert evaluate_pending(str(run_dir), str(phantom / "shards"), ["retrieval"], None) == []
-    lines = (run_dir / "eval_ledger.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and json.loads(lines[1])["metrics"]["retrieval/i2t_R@1"] >= 0
+    lines = [json.loads(x) for x in (run_dir / "eval_ledger.jsonl").read_text().splitlines()]
+    assert [(r["checkpoint"], r["task"], r["step"]) for r in lines] == [("step_0000007", "retrieval", 7),
+                                                                          ("step_0000014", "retrieval", 14)]
+    assert {"retrieval/i2t_R@1", "retrieval/t2i_R@1"} <= set(lines[1]["metrics"])
     with open(run_dir / "eval_ledger.jsonl", "a") as f:
         f.write('{"checkpoint": "step_00')        # torn line from a crash mid-write
     assert Ledger(run_dir / "eval_ledger.jsonl").done() == {("step_0000007", "retrieval"),
@@ -43,12 +46,10 @@ def test_crashed_actor_is_restarted(run_dir, phantom):
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
     try:
-        marker = run_dir / "crash_marker"
-        scored = watch(str(run_dir), str(phantom / "shards"), ["retrieval"], None, cpus=0.5,
-                       fail_marker=str(marker))
+        scored = watch(str(run_dir), str(phantom / "shards"), ["retrieval"], None, cpus=0.5, before_task=crash_once)
     finally:
         ray.shutdown()
-    assert marker.is_file(), "the evaluator did not crash"
+    assert (run_dir / "eval_crashed_once").is_file(), "the evaluator did not crash"
     assert sorted(n["checkpoint"] for n in scored) == ["step_0000007", "step_0000014"]
     assert len((run_dir / "eval_ledger.jsonl").read_text().splitlines()) == 2
 
@@ -58,16 +59,16 @@ def test_rotated_checkpoint_is_recorded_not_retried(run_dir, phantom, monkeypatc
     scored gets a ledger line saying so, and the evaluator carries on with the rest."""
     import shutil
 
-    import evaluators.score as score
+    import evaluators.scoring as scoring
 
-    real = score.Scoring
+    real = scoring.Scoring
 
     def rotate_first(ck, *a, **kw):
         if ck.name == "step_0000007":
             shutil.rmtree(ck)
         return real(ck, *a, **kw)
 
-    monkeypatch.setattr(score, "Scoring", rotate_first)
+    monkeypatch.setattr(scoring, "Scoring", rotate_first)
     new = evaluate_pending(str(run_dir), str(phantom / "shards"), ["retrieval"], None)
     assert [(n["checkpoint"], bool(n.get("error"))) for n in new] == [("step_0000007", True), ("step_0000014", False)]
     rec = Ledger(run_dir / "eval_ledger.jsonl").records()

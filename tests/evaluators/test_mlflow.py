@@ -10,8 +10,8 @@ import signal
 import numpy as np
 import pytest
 
+from common.labels import FINDINGS
 from tests.evaluators.test_tasks import _plain_export
-from trainer.config import FINDINGS
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_score_cli_all_tasks(phantom24, tmp_path, capsys):
 
 
 def test_unknown_task_is_named(phantom24, tmp_path):
-    from evaluators.score import score_checkpoint
+    from evaluators.scoring import score_checkpoint
 
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['segmentaton'\]"):
         score_checkpoint(_plain_export(tmp_path), str(phantom24[0]), ["segmentaton"])

@@ -44,7 +44,7 @@ def test_caption_metrics_hand_case():
 def test_decoder_writes_the_report_its_image_shows():
     """Two kinds of image memory, two reports: after training, unseen memories of each kind get
     their own report back word for word (the decoder reads the image, not a prior)."""
-    from trainer.model.text import build_tokenizer
+    from common.text import build_tokenizer
 
     reports = ["Cardiomegaly is present. No pleural effusion.", "Left pleural effusion is present. Heart normal."]
     tok = build_tokenizer(reports * 3, 200)
@@ -86,7 +86,7 @@ def test_unet_keeps_odd_input_shapes(debug_cfg, preset):
 
     m = debug_cfg.model
     if preset == "small_bottleneck":      # the paper's block type and max-pool stem, narrow
-        m = dataclasses.replace(m, image_block="bottleneck", image_widths=[4, 8, 8, 8], conv1_size=7,
+        m = dataclasses.replace(m, image_block="bottleneck", image_widths=[8, 8, 8, 8], conv1_size=7,
                                 no_max_pool=False)
     net = ResNetUNet(ImageEncoder(m), n_classes=3)
     x = torch.randn(1, 1, 37, 45, 21)
@@ -114,7 +114,7 @@ def _totalseg_folder(realdata, tmp_path, with_mask_on_test=True):
 
 
 def _seg_cfg():
-    from trainer.config import load_config
+    from common.config import load_config
 
     # the CT is 122x101x30 voxels of 3 mm: 4x4x3 mm on a 96x96x32 grid keeps all of it
     return load_config(REPO / "configs/debug.yaml", ["data.spacing=[4,4,3]", "data.size=[96,96,32]",
@@ -123,7 +123,8 @@ def _seg_cfg():
 
 def test_segmentation_learns_real_organs(realdata, tmp_path):
     from data_service import ingest
-    from evaluators.tasks.embed import load_volumes, to_input
+    from data_service.preprocess import to_model_input
+    from evaluators.tasks.features import load_volumes
     from trainer.model.image import ImageEncoder
 
     cfg = _seg_cfg()
@@ -138,14 +139,14 @@ def test_segmentation_learns_real_organs(realdata, tmp_path):
     assert ii[y[0] == 1].float().mean() > ii[y[0] == 2].float().mean() + 20
     torch.manual_seed(0)
     dice, loss = finetune(ImageEncoder(cfg.model), tr["hu"], tr["y"], te["hu"], te["y"], n_classes=3, steps=40,
-                          seed=0, lr=3e-3, batch=1, prep=lambda hu: to_input(hu, cfg))
+                          seed=0, lr=3e-3, batch=1, prep=lambda hu: to_model_input(hu, cfg.data))
     assert dice[0] > 0.6, dice        # the liver, the largest organ, is learnt (same volume held out)
     assert np.isfinite(dice).all() and np.isfinite(loss)
 
 
 def test_segmentation_needs_masks(realdata, tmp_path):
     from data_service import ingest
-    from evaluators.tasks.embed import load_volumes
+    from evaluators.tasks.features import load_volumes
 
     cfg = _seg_cfg()
     shards = tmp_path / "shards"

@@ -8,18 +8,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.labels import FINDINGS
 from evaluators.tasks.probe import linear_probe_auc
 from evaluators.tasks.retrieval import recall_at_k
-from evaluators.tasks.zeroshot import per_label_auc, zeroshot_probs
+from evaluators.tasks.zeroshot import auc_with_ci, max_f1_threshold, score_zeroshot, zeroshot_probs
 from tests.conftest import REPO
 
 
-def test_auc_hand_case():
+def test_auc_threshold_and_protocol_hand_case():
     # positives at 0.35, 0.8; negatives 0.1, 0.4: pairs (pos>neg): (0.35>0.1), (0.8>0.1), (0.8>0.4) = 3/4
-    probs = np.array([[0.1], [0.4], [0.35], [0.8]])
-    labels = np.array([[0], [0], [1], [1]])
-    assert per_label_auc(probs, labels, ["x"]) == {"x": 0.75}
-    assert np.isnan(per_label_auc(probs, np.zeros((4, 1)), ["x"])["x"])   # one class: undefined
+    p = np.array([0.1, 0.4, 0.35, 0.8])
+    y = np.array([0, 0, 1, 1])
+    auc, lo, hi, n = auc_with_ci(y, p, 200)
+    assert auc == 0.75 and n == 200 and 0.0 <= lo <= 0.75 <= hi <= 1.0 and hi - lo > 0.1
+    # thresholds: >=0.35 -> P 2/3 R 1 F1 0.8; >=0.8 -> P 1 R 1/2 F1 2/3; >=0.1 -> F1 2/3: max at 0.35
+    assert max_f1_threshold(y, p) == 0.35
+    # the protocol: threshold from the first split, applied to the second; a one-class label is not scored
+    p2 = np.stack([p, p], 1)
+    y_test = np.array([[0, 0], [1, 0], [0, 0], [1, 0]])          # label 1 has no positive in test
+    out, table, rocs = score_zeroshot(p2, np.stack([y, y], 1), p2, y_test, 50, findings=["a", "b"])
+    assert out["zeroshot/auc/a"] == 1.0 and out["zeroshot/n_labels"] == 1.0 and "zeroshot/auc/b" not in out
+    # at 0.35: predictions 0,1,1,1 vs truth 0,1,0,1 -> acc 3/4, precision 2/3, F1 0.8
+    assert table[0]["threshold"] == 0.35 and table[0]["acc"] == 0.75
+    assert out["zeroshot/mean_precision"] == pytest.approx(2 / 3) and out["zeroshot/mean_f1"] == pytest.approx(0.8)
+    assert table[1]["scored"] is False and set(rocs) == {"a"}
+    with pytest.raises(ValueError, match="no label has both classes"):
+        score_zeroshot(p2, np.stack([y, y], 1), p2, np.zeros((4, 2)), 10, findings=["a", "b"])
 
 
 def test_zeroshot_softmax_hand_case():
@@ -49,9 +63,9 @@ def _plain_export(tmp_path, step: int = 7, seed: int = 0, info: dict | None = No
     """A checkpoint export written the way trainer.engine.export writes one (random weights)."""
     from safetensors.torch import save_file
 
-    from trainer.config import load_config, save_config
+    from common.config import load_config, save_config
+    from common.text import build_tokenizer
     from trainer.model import build_model
-    from trainer.model.text import build_tokenizer
 
     cfg = load_config(REPO / "configs/debug.yaml")
     out = tmp_path / f"step_{step:07d}" / "export"
@@ -75,8 +89,21 @@ def test_embed_cli_on_real_volume(realdata, tmp_path, volume, capsys):
     e = np.load(out)
     assert e.shape == (64,) and abs(np.linalg.norm(e) - 1) < 1e-4
     probs = json.loads(out.with_suffix(".json").read_text())["probabilities"]
-    assert len(probs) == 18 and all(0 <= p <= 1 for p in probs.values())
+    assert list(probs) == list(FINDINGS)
     assert "Lung nodule" in capsys.readouterr().out
+    # one preprocessing path: the same volume ingested (folder importer) and embedded by the
+    # evaluators' split reader gives the same embedding as the one-volume CLI
+    from data_service import ingest
+    from evaluators.tasks.features import embed_split
+    from trainer.engine import load_export
+
+    model, tok, cfg, _ = load_export(ck)
+    root = tmp_path / "folder"
+    root.mkdir()
+    (root / "reports.csv").write_text(f"id,image,report,split\nv,{realdata / volume},No findings.,test\n")
+    ingest.run("folder", str(root), str(tmp_path / "shards"), cfg.data, workers=1, progress=False)
+    via_shards = embed_split(model, tok, cfg, str(tmp_path / "shards"), "test")["img"][0].numpy()
+    np.testing.assert_allclose(via_shards, e, atol=1e-5)
 
 
 def test_embed_cli_rejects_bad_volume(realdata, tmp_path):

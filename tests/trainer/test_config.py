@@ -1,6 +1,6 @@
 import pytest
 
-from trainer.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from tests.conftest import REPO
 
 
@@ -10,6 +10,25 @@ def test_presets_load():
     assert dbg.model.flavour == "debug" and t3d.model.flavour == "t3d"
     assert t3d.data.spacing == [1.0, 1.0, 4.0] and t3d.data.size == [256, 256, 128]
     assert t3d.model.image_layers == [3, 4, 6, 3]  # ResNet-50
+
+
+def test_flavour_picks_the_sizes_and_explicit_keys_win():
+    from trainer.config import FLAVOURS
+
+    dbg = load_config(REPO / "configs/debug.yaml")
+    assert {k: getattr(dbg.model, k) for k in FLAVOURS["debug"]} == FLAVOURS["debug"]
+    big = load_config(REPO / "configs/debug.yaml", ["model.flavour=t3d"])
+    assert big.model.image_layers == [3, 4, 6, 3] and big.model.text_hidden == 768
+    mixed = load_config(REPO / "configs/debug.yaml", ["model.embed_dim=32"])
+    assert mixed.model.embed_dim == 32 and mixed.model.text_hidden == 64
+    # a saved (resolved) config reloads to the same model sizes
+    from common.config import config_from_dict
+
+    assert config_from_dict(mixed.to_dict()).model == mixed.model
+    with pytest.raises(ConfigError, match="model.flavour: 'tiny' is not one of"):
+        load_config(None, ["model.flavour=tiny"])
+    with pytest.raises(ConfigError, match="model.image_norm=group needs"):
+        load_config(REPO / "configs/debug.yaml", ["model.image_widths=[12,32,64,128]", "model.image_norm=group"])
 
 
 def test_override_and_types():

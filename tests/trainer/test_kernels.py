@@ -49,9 +49,16 @@ def test_local_loss_same_with_kernel():
 
 
 def test_kernel_choice(monkeypatch):
+    from trainer.kernels import token_region
+
     r, t, m = _inputs(2, 2, 4, 4, 8)
-    ref = token_region_similarity(r, t, m, 0.1, kernel="torch")
-    assert torch.equal(token_region_similarity(r, t, m, 0.1, kernel="auto"), ref)   # CPU: the reference
+    calls = []
+    real = token_region.token_cosines
+    monkeypatch.setattr(token_region, "token_cosines", lambda *a: calls.append(1) or real(*a))
+    token_region_similarity(r, t, m, 0.1, kernel="auto")
+    assert calls == []                                     # auto on the CPU: the reference, not the kernel
+    token_region_similarity(r, t, m, 0.1, kernel="triton")
+    assert calls == [1]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="tma.kernel=triton: the fused kernel runs on CUDA tensors"):
         token_region_similarity(r, t, m, 0.1, kernel="triton")

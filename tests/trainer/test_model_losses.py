@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.config import TMAConfig, load_config
+from common.config import load_config
+from tests.conftest import REPO
+from trainer.config import TMAConfig
 from trainer.losses import T3DLoss, clip_loss, consistency_loss, local_alignment_loss, token_region_similarity
 from trainer.losses.tma import sinkhorn
 from trainer.model import build_model
 from trainer.model.t3d import count_parameters
-from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +218,7 @@ def test_tokenizer_from_reports_is_reproducible(realdata):
     """Built from real CT-RATE report texts: same texts -> same vocabulary and ids, in any order."""
     import csv
 
-    from trainer.model.text import build_tokenizer
+    from common.text import build_tokenizer
 
     rows = list(csv.DictReader(open(realdata / "ctclip_reports/train.csv", encoding="utf-8")))[:200]
     texts = [r["report_text"] for r in rows]
@@ -226,3 +227,35 @@ def test_tokenizer_from_reports_is_reproducible(realdata):
     enc = a(["Bilateral pleural effusion is not present."])["input_ids"][0]
     assert a.convert_ids_to_tokens(enc)[1:4] == ["bilateral", "pleural", "effusion"]
     assert a.convert_ids_to_tokens(a("xyzzyq")["input_ids"])[1] == "x"   # unseen word -> characters
+
+
+def test_sentence_unit_is_the_mean_of_its_sentences():
+    """model.text_unit=sentence: a report's embedding is the normalized mean of its sentences'
+    projected embeddings, each sentence encoded on its own (and its own prompt is one sentence)."""
+    from common.text import build_tokenizer, encode_reports, split_sentences
+
+    cfg = load_config(REPO / "configs/debug.yaml", ["model.text_unit=sentence"])
+    reports = ["Findings: Heart size is normal. No pleural effusion.\nImpression: Cardiomegaly; emphysema.",
+               "Findings: A 6 mm nodule is seen."]
+    assert split_sentences(reports[0]) == ["Heart size is normal.", "No pleural effusion.", "Cardiomegaly;",
+                                           "emphysema."]
+    tok = build_tokenizer(reports, 200)
+    enc = encode_reports(tok, reports, "sentence", max_sentences=3, max_sentence_tokens=16)
+    assert enc["input_ids"].shape[:2] == (2, 3)                      # cut at max_sentences
+    assert enc["attention_mask"][1, 1:].sum() == 0                   # report 2 has one sentence
+    torch.manual_seed(0)
+    m = build_model(cfg, len(tok)).eval()
+    with torch.no_grad():
+        txt, tokens, tmask = m.encode_text(enc["input_ids"], enc["attention_mask"])
+        alone = []
+        for s in split_sentences(reports[0])[:3]:
+            e = tok([s], return_tensors="pt")
+            pooled, _ = m.text(e["input_ids"], e["attention_mask"])
+            alone.append(m.txt_proj(pooled)[0])
+    torch.testing.assert_close(txt[0], F.normalize(torch.stack(alone).mean(0), dim=-1), atol=1e-5, rtol=1e-5)
+    n_content = [(enc["attention_mask"][b].sum(-1).clamp_min(2) - 2) * (enc["attention_mask"][b, :, 0] > 0)
+                 for b in range(2)]
+    assert tokens.shape[:2] == tmask.shape == (2, 3 * enc["input_ids"].shape[2])
+    assert [int(tmask[b].sum()) for b in range(2)] == [int(n.sum()) for n in n_content]
+    with pytest.raises(ValueError, match="at least one sentence"):
+        m.encode_text(enc["input_ids"], torch.zeros_like(enc["attention_mask"]))

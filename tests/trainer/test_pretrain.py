@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.config import load_config
+from data_service.shards import load_manifest
 from tests.conftest import REPO
-from trainer.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -31,10 +32,14 @@ def _cfg(phantom, out, name, **sets):
     return load_config(REPO / "configs/debug.yaml", [f"{k}={v}" for k, v in base.items()])
 
 
-def _fit(cfg, log_samples=False):
+def _fit(cfg, log_samples=False, callbacks=None):
+    import ray.cloudpickle
+
+    import tests.faults
     from trainer.pretrain import fit
 
-    result, run_dir, _, _ = fit(cfg, log_samples)
+    ray.cloudpickle.register_pickle_by_value(tests.faults)     # the workers need not import tests/
+    result, run_dir, _, _ = fit(cfg, log_samples, callbacks)
     assert result.error is None, result.error
     return run_dir
 
@@ -74,17 +79,22 @@ def test_zero_stages_train_and_export(ray_local, phantom, tmp_path, stage):
     moved = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, init[k])]
     assert len(moved) > 10
     # and the evaluators score it
-    from evaluators.score import score_checkpoint
+    from evaluators.scoring import score_checkpoint
 
     r = score_checkpoint(ck, str(phantom / "shards"), ["retrieval"])
-    assert r["step"] == 2 and 0 <= r["metrics"]["retrieval/i2t_R@1"] <= 1
+    n_test = load_manifest(phantom / "shards")["counts"]["written_by_split"]["test"]
+    assert r["step"] == 2 and r["checkpoint"] == str(ck)
+    assert {k for k in r["metrics"]} == {f"retrieval/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10, 50, 100)
+                                         if k <= n_test}
 
 
 def test_resume_after_killed_worker_matches_uninterrupted(ray_local, phantom, tmp_path):
     from safetensors.torch import load_file
 
     ref = _fit(_cfg(phantom, tmp_path, "ref"), log_samples=True)
-    cut = _fit(_cfg(phantom, tmp_path, "cut", **{"train.fail_at_step": 2, "ray.max_failures": 1}), log_samples=True)
+    from tests.faults import KillWorkerAt
+
+    cut = _fit(_cfg(phantom, tmp_path, "cut", **{"ray.max_failures": 1}), log_samples=True, callbacks=[KillWorkerAt(2)])
     assert (cut / "failed_at_2").is_file(), "the fault was not injected"
     a, b = _samples(ref), _samples(cut)
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]            # same micro-steps, none skipped
@@ -104,7 +114,8 @@ def test_crashing_evaluator_leaves_training_alone(ray_local, phantom, tmp_path):
     """The evaluator actor dies mid-scoring (once): Ray restarts it, it finishes every checkpoint,
     and the training job ends normally with all its steps and checkpoints."""
     run_dir = _fit(_cfg(phantom, tmp_path, "evalcrash", **{"eval.enabled": "true", "eval.tasks": "[retrieval]",
-                                                           "eval.poll_seconds": 1, "eval.crash_once": "true"}))
+                                                           "eval.poll_seconds": 1,
+                                                           "eval.watcher": "tests.faults:CrashingEvalThread"}))
     assert (run_dir / "eval_crashed_once").is_file(), "the evaluator did not crash"
     st = json.loads((run_dir / "step_0000004/state.json").read_text())
     assert st["step"] == 4

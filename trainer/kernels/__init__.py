@@ -2,6 +2,8 @@
 
 - ``token_cosines``: the token-region attention + cosine of TMA's local alignment
   (``token_region.py``; reference ``trainer.losses.tma.token_cosines_reference``).
+- ``augment``: the device-side float work of a training sample (window, flips, intensity jitter,
+  noise; reference ``trainer.augment.augment_reference``).
 
 ``tma.kernel``: ``torch`` runs the reference; ``triton`` runs the fused kernel (CUDA, or the CPU
 under ``TRITON_INTERPRET=1`` as the tests do) and fails clearly where it cannot. ``auto`` runs the
@@ -20,7 +22,7 @@ def token_cosines(regions: torch.Tensor, tokens: torch.Tensor, attn_temperature:
         return None
     if kernel != "triton":
         raise ValueError(f"tma.kernel: {kernel!r} is not one of ['auto', 'torch', 'triton']")
-    from trainer.kernels import token_region as tr      # imports without triton; tr.triton is then None
+    from trainer.kernels import token_region as tr  # imports without triton; tr.triton is then None
 
     if tr.triton is None:
         raise ImportError("tma.kernel=triton needs the triton package: pip install 't3d[kernels]'")
@@ -29,3 +31,12 @@ def token_cosines(regions: torch.Tensor, tokens: torch.Tensor, attn_temperature:
                            f"TRITON_INTERPRET=1, for tests); got a tensor on {regions.device}. "
                            "Use tma.kernel=auto or torch here")
     return tr.token_cosines(regions, tokens, attn_temperature)
+
+
+def augment(x: torch.Tensor, params: torch.Tensor, window, kernel: str = "auto") -> torch.Tensor:
+    """int16 HU (N,1,X,Y,Z) + parameters (N,7) -> float32 model input (``trainer.augment``)."""
+    from trainer.augment import augment_reference
+
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel: {kernel!r} is not one of ['auto', 'torch', 'triton']")
+    return augment_reference(x, params, window)

@@ -1,4 +1,4 @@
-"""The project's only collectives: gather that keeps the local gradient, and all-reduce."""
+"""The project's only collectives: gather that keeps the local gradient, sum and min all-reduces."""
 from __future__ import annotations
 
 import torch
@@ -29,3 +29,12 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def all_reduce_min(x: int) -> int:
+    """The smallest of an integer over ranks (no gradient): equal batch sizes for the gathers."""
+    t = torch.tensor([int(x)])
+    _, ws = world()
+    if ws > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())

@@ -1,13 +1,18 @@
 """T3D: image encoder + text encoder + heads into a shared space (no distributed code here)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.config import Config
+
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import Config, ModelConfig, TMAConfig
+from trainer.config import ModelConfig, TMAConfig
 from trainer.model.image import ImageEncoder
 from trainer.model.text import TextEncoder
 
@@ -20,6 +25,15 @@ def text_informed_pool(regions: torch.Tensor, tokens: torch.Tensor, token_mask: 
     m = token_mask.float()
     w = (a * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)   # (B,N)
     return torch.einsum("bn,bnd->bd", w, regions.float())
+
+
+def content_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N,L) attention mask -> the same without [CLS] (first) and [SEP] (last attended) positions."""
+    m = attention_mask.clone()
+    m[:, 0] = 0
+    last = (attention_mask.sum(1) - 1).clamp_min(0)
+    m[torch.arange(len(last), device=last.device), last] = 0
+    return m
 
 
 def projection(kind: str, d_in: int, d_out: int) -> nn.Module:
@@ -51,17 +65,36 @@ class T3D(nn.Module):
     def encode_image(self, x: torch.Tensor):
         """x (B,1,D,H,W) -> normalized global (B,E), normalized regions (B,N,Dl)."""
         g, local, _ = self.image(x)
-        return F.normalize(self.img_proj(g), dim=-1), F.normalize(self.img_local(local), dim=-1)
+        return self.project_image(g), F.normalize(self.img_local(local), dim=-1)
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The image encoder's pooled features (B,C) -> normalized embedding in the shared space (B,E)."""
+        return F.normalize(self.img_proj(pooled), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """-> normalized report (B,E), normalized tokens (B,L,Dl), token mask (B,L) without CLS/SEP/PAD."""
-        cls, tokens = self.text(input_ids, attention_mask)
-        tmask = attention_mask.clone()
-        tmask[:, 0] = 0
-        last = attention_mask.sum(1) - 1                      # [SEP] position
-        tmask[torch.arange(len(last), device=last.device), last] = 0
-        return (F.normalize(self.txt_proj(cls), dim=-1), F.normalize(self.txt_local(tokens), dim=-1),
-                tmask.to(tokens.dtype))
+        """Reports (B,L), or reports as sentences (B,S,Ls) (``model.text_unit=sentence``, from
+        ``common.text.encode_reports``) -> normalized report (B,E), normalized tokens (B,L',Dl) and
+        their mask (B,L') without CLS/SEP/PAD. A sentence-level report embedding is the mean of its
+        sentences' projected embeddings (each sentence encoded on its own)."""
+        if input_ids.ndim == 2:
+            pooled, tokens = self.text(input_ids, attention_mask)
+            return (F.normalize(self.txt_proj(pooled), dim=-1), F.normalize(self.txt_local(tokens), dim=-1),
+                    content_mask(attention_mask).to(tokens.dtype))
+        b, s, n = input_ids.shape
+        ids, am = input_ids.reshape(b * s, n), attention_mask.reshape(b * s, n)
+        present = am[:, 0] > 0                                 # padding sentences are skipped
+        if not bool(present.view(b, s).any(1).all()):
+            raise ValueError("every report needs at least one sentence")
+        pooled, states = self.text(ids[present], am[present])
+        owner = torch.arange(b, device=ids.device).repeat_interleave(s)[present]
+        sent = self.txt_proj(pooled)
+        report = torch.zeros(b, sent.shape[1], dtype=sent.dtype, device=sent.device).index_add(0, owner, sent)
+        report = report / torch.bincount(owner, minlength=b).clamp_min(1)[:, None].to(sent.dtype)
+        local = self.txt_local(states)
+        tokens = local.new_zeros(b * s, n, local.shape[-1])
+        tokens[present] = local
+        return (F.normalize(report, dim=-1), F.normalize(tokens.view(b, s * n, -1), dim=-1),
+                content_mask(am).view(b, s * n).to(local.dtype))
 
     def prototype_scores(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled view features (..., Dl) -> cosine scores with the prototypes (..., K).

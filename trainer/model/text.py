@@ -1,64 +1,21 @@
-"""BERT text encoder (HF transformers) from a local directory, or random-init with a WordPiece
-tokenizer built from the training reports (no hub access at run time)."""
+"""BERT text encoder (HF transformers) from a local directory, or random-init (no hub access)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
 
+from common.text import encode_reports
 from trainer.config import ModelConfig
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None):
-    """A lower-cased BERT WordPiece tokenizer (HF ``tokenizers``) whose vocabulary is built from
-    the report texts: special tokens, every character (and its ``##`` continuation), then whole
-    words by frequency (ties alphabetical) up to ``vocab_size``. Written here rather than with
-    ``WordPieceTrainer`` because that trainer breaks merge ties in hash order, so the same
-    reports gave different vocabularies in different processes; this one is reproducible."""
-    from collections import Counter
-
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    words: Counter = Counter()
-    for t in texts:
-        words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
-    chars = sorted({c for w in words for c in w})
-    vocab = specials + chars + ["##" + c for c in chars]
-    if len(vocab) > vocab_size:
-        raise ValueError(f"vocab_size={vocab_size} is smaller than the {len(vocab)} characters and specials")
-    have = set(vocab)
-    for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
-        if len(vocab) >= vocab_size:
-            break
-        if w not in have:
-            vocab.append(w)
-            have.add(w)
-    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]",
-                                     continuing_subword_prefix="##"))
-    tok.normalizer, tok.pre_tokenizer = norm, pre
-    tok.decoder = decoders.WordPiece()           # '##' pieces join back into words on decode
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    if out_dir is not None:
-        fast.save_pretrained(str(out_dir))
-    return fast
-
-
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"tokenizer folder not found: {p}")
-    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+def tokenize_reports(tokenizer, texts: list[str], cfg) -> dict[str, torch.Tensor]:
+    """Reports -> the text encoder's input ids and mask, as ``model.text_unit`` wants them
+    (``common.text.encode_reports``: (B, L), or (B, S, Ls) sentences)."""
+    d = cfg.data
+    return encode_reports(tokenizer, list(texts), cfg.model.text_unit, d.max_text_tokens, d.max_sentences,
+                          d.max_sentence_tokens)
 
 
 class TextEncoder(nn.Module):

@@ -1,4 +1,6 @@
-"""Read a split in batches and embed it with a loaded model (shared by every task).
+"""Features of a split from a loaded model, shared by every task: embeddings (zero-shot,
+retrieval, probes), the frozen feature map (report generation), int16 volumes and masks
+(segmentation).
 
 Volumes are streamed from the shards a batch at a time and go to the model's device; only the
 embeddings (or, for segmentation, int16 HU and uint8 masks) are kept.
@@ -10,9 +12,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from data_service.preprocess import normalize_hu
+from common.labels import FINDINGS
+from data_service.preprocess import to_model_input
 from data_service.shards import iter_split
-from trainer.config import FINDINGS
+from trainer.model.text import tokenize_reports
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -35,14 +38,9 @@ def iter_batches(shards: str, split: str, batch: int = 8, masks: bool = False) -
         yield chunk
 
 
-def to_input(hu: torch.Tensor, cfg) -> torch.Tensor:
-    """HU (..., D, H, W) of any dtype -> the network's float input, same device."""
-    return normalize_hu(hu.float(), cfg.data.hu_window)
-
-
 def _volumes(chunk: list[dict[str, Any]], cfg) -> torch.Tensor:
     """A batch of decoded samples -> network input (B, 1, D, H, W)."""
-    return torch.stack([to_input(torch.from_numpy(s["ct"]), cfg)[None] for s in chunk])
+    return to_model_input(torch.from_numpy(np.stack([s["ct"] for s in chunk]))[:, None], cfg.data)
 
 
 def _labels(s: dict[str, Any]) -> list[float]:
@@ -51,42 +49,33 @@ def _labels(s: dict[str, Any]) -> list[float]:
 
 
 @torch.no_grad()
-def embed_split(model, tokenizer, cfg, shards: str, split: str, batch: int = 8) -> dict[str, Any]:
-    """-> {img (N,E), txt (N,E) normalized embeddings on the CPU, labels (N,18) with NaN where a
-    study has none, keys}."""
+def embed_split(model, tokenizer, cfg, shards: str, split: str, batch: int = 8, memory: bool = False) -> dict[str, Any]:
+    """One pass over ``split`` -> {img (N,E), txt (N,E) normalized embeddings on the CPU, labels (N,18)
+    with NaN where a study has none, keys, reports}; with ``memory``, also the frozen encoder's
+    feature map for report generation, memory (N, 1 + R, C): the pooled token, then one per region."""
     dev = model_device(model)
-    imgs, txts, labels, keys = [], [], [], []
+    imgs, txts, mem, labels, keys, reports = [], [], [], [], [], []
     for chunk in iter_batches(shards, split, batch):
-        x = _volumes(chunk, cfg).to(dev)
-        img, _ = model.encode_image(x)
-        enc = tokenizer([s["report"] for s in chunk], padding="longest", truncation=True,
-                        max_length=cfg.data.max_text_tokens, return_tensors="pt").to(dev)
-        txt, _, _ = model.encode_text(enc["input_ids"], enc["attention_mask"])
-        imgs.append(img.float().cpu())
+        pooled, local, _ = model.image(_volumes(chunk, cfg).to(dev))
+        imgs.append(model.project_image(pooled).float().cpu())
+        if memory:
+            mem.append(torch.cat([pooled[:, None], local], 1).float().cpu())
+        enc = tokenize_reports(tokenizer, [s["report"] for s in chunk], cfg)
+        txt, _, _ = model.encode_text(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
         txts.append(txt.float().cpu())
         keys += [s["key"] for s in chunk]
-        labels += [_labels(s) for s in chunk]
-    return {"img": torch.cat(imgs), "txt": torch.cat(txts), "labels": np.array(labels, float), "keys": keys}
-
-
-@torch.no_grad()
-def image_features(model, cfg, shards: str, split: str, batch: int = 8) -> dict[str, Any]:
-    """The frozen encoder's memory for report generation, streamed: {memory (N, 1 + R, C) on the
-    CPU (pooled token, then one token per region of the last feature map), reports, keys}."""
-    dev = model_device(model)
-    mem, reports, keys = [], [], []
-    for chunk in iter_batches(shards, split, batch):
-        x = _volumes(chunk, cfg).to(dev)
-        g, local, _ = model.image(x)
-        mem.append(torch.cat([g[:, None], local], 1).float().cpu())
         reports += [s["report"] for s in chunk]
-        keys += [s["key"] for s in chunk]
-    return {"memory": torch.cat(mem), "reports": reports, "keys": keys}
+        labels += [_labels(s) for s in chunk]
+    out = {"img": torch.cat(imgs), "txt": torch.cat(txts), "labels": np.array(labels, float), "keys": keys,
+           "reports": reports}
+    if memory:
+        out["memory"] = torch.cat(mem)
+    return out
 
 
 def load_volumes(shards: str, split: str, masks: bool = False) -> dict[str, Any]:
     """One split in memory, compactly: hu (N,1,D,H,W) int16, y (N,1,D,H,W) uint8 label maps
-    (``masks``), reports, keys. Normalise batches with ``to_input`` when they are used."""
+    (``masks``), reports, keys. Normalise batches with ``to_model_input`` when they are used."""
     hu, ys, reports, keys = [], [], [], []
     for chunk in iter_batches(shards, split, 16, masks):
         for s in chunk:

@@ -1,0 +1,177 @@
+"""`make science`: does pretraining learn? CLIP-only vs CLIP+TMA on phantoms, through the real trainer.
+
+    python -m cluster.science [--seed 0] [--n 1200] [--data-seed 0] [--steps N] [--out runs]
+
+1. phantoms (``data_service.synth``, held-out reports in the second wording bank) and ingest with
+   ``configs/phantom.yaml``, once per data seed (``data/phantom-d{data_seed}/``);
+2. ``python -m trainer.pretrain`` twice, the same command users run (Ray Train, 2 DeepSpeed
+   workers): CLIP only (``tma.enabled=false``) into ``{out}/phantom-clip/s{seed}/`` and CLIP+TMA into
+   ``{out}/phantom-tma/s{seed}/``, same seed, same data order;
+3. both last checkpoints scored by the evaluators (``evaluators.scoring.Scoring``): zero-shot on
+   held-out phantoms with CT-RATE's prompts and with the prompt ensemble, linear probes of the image
+   and of the report embeddings, retrieval; the per-label table with bootstrap 95% CIs, and the
+   paired bootstrap CI of the AUC difference (TMA - CLIP) per label.
+Results: ``{out}/science-s{seed}.json`` and the printed table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "phantom.yaml"
+PLANTED = ("Lung nodule", "Arterial wall calcification", "Consolidation", "Hiatal hernia", "Pericardial effusion",
+           "Cardiomegaly", "Pleural effusion", "Emphysema")
+SMALL = ("Lung nodule", "Arterial wall calcification")
+
+
+def sh(cmd: list[str]) -> None:
+    print("\n$ " + " ".join(cmd), flush=True)
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+    if r.returncode != 0:
+        raise SystemExit(f"science: step failed (exit {r.returncode}): {' '.join(cmd)}")
+
+
+def prepare_data(root: Path, n: int, data_seed: int) -> Path:
+    raw, shards = root / "raw", root / "shards"
+    py = sys.executable
+    if not (raw / "metadata").is_dir():
+        sh([py, "-m", "data_service.synth", "--out", str(raw), "--n", str(n), "--seed", str(data_seed),
+            "--valid-fraction", "0.3333", "--workers", str(os.cpu_count() or 1)])
+    sh([py, "-m", "data_service.ingest", "--source", "ctrate", "--input", str(raw), "--out", str(shards),
+        "--config", str(CONFIG), "--no-progress"])
+    return shards
+
+
+def train(variant: str, shards: Path, out: Path, seed: int, extra: list[str]) -> Path:
+    sets = {"clip": ["tma.enabled=false"], "tma": ["tma.enabled=true"]}[variant]
+    cmd = [sys.executable, "-m", "trainer.pretrain", "--config", str(CONFIG), "--set", f"data.shards={shards}",
+           "--set", f"train.output_dir={out / f'phantom-{variant}'}", "--set", f"train.run_name=s{seed}",
+           "--set", f"train.seed={seed}"]
+    for s in sets + extra:
+        cmd += ["--set", s]
+    t = time.time()
+    sh(cmd)
+    run_dir = out / f"phantom-{variant}" / f"s{seed}"
+    (run_dir / "science_train_seconds").write_text(f"{time.time() - t:.0f}\n")
+    return run_dir
+
+
+def score(run_dir: Path, shards: Path) -> dict:
+    """The last checkpoint: zero-shot (single and ensemble prompts), probes, retrieval, and the raw
+    test-split probabilities for the paired comparison."""
+    from evaluators.scoring import Scoring
+    from evaluators.tasks.zeroshot import prompt_embeddings, zeroshot_probs
+
+    ck = sorted(p for p in run_dir.glob("step_*") if (p / "export").is_dir())[-1]
+    sc = Scoring(ck, str(shards), tasks=["zeroshot", "probe", "retrieval"])
+    res = {"checkpoint": str(ck), "metrics": sc.score(["zeroshot", "probe", "retrieval"])["metrics"]}
+    test = sc.labelled(sc.cfg.eval.split_test)
+    scale = float(sc.model.logit_scale.detach().exp().clamp(max=100))
+    for name, ens in (("single", False), ("ensemble", True)):
+        prompts = prompt_embeddings(sc.model, sc.tok, sc.cfg, ensemble=ens)
+        res[f"probs_{name}"] = zeroshot_probs(test["img"], prompts, scale).tolist()
+        res[f"report_probs_{name}"] = zeroshot_probs(test["txt"], prompts, scale).tolist()
+    ens = Scoring(ck, str(shards), overrides=["eval.prompts=ensemble"], tasks=["zeroshot"]).score(["zeroshot"])
+    res["metrics_ensemble"] = ens["metrics"]
+    res["labels"] = test["labels"].tolist()
+    return res
+
+
+def paired_delta(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """AUC(b) - AUC(a) on the same test studies, with a stratified paired bootstrap 95% CI."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.utils import resample
+
+    idx = np.arange(len(y))
+    d = roc_auc_score(y, b) - roc_auc_score(y, a)
+    boots = []
+    for i in range(n_boot):
+        r = resample(idx, replace=True, stratify=y, random_state=seed + i)
+        boots.append(roc_auc_score(y[r], b[r]) - roc_auc_score(y[r], a[r]))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(d), float(lo), float(hi)
+
+
+def table(res: dict, n_boot: int, seed: int) -> tuple[str, dict]:
+    from common.labels import FINDINGS
+    from evaluators.tasks.zeroshot import auc_with_ci
+
+    y = np.array(res["clip"]["labels"])
+    lines, summary = [], {}
+    for prompts in ("single", "ensemble"):
+        lines.append(f"\nzero-shot AUC on held-out phantoms ({prompts} prompts; {len(y)} test studies; "
+                     f"95% bootstrap CI; delta = TMA - CLIP, paired bootstrap)")
+        lines.append(f"{'finding':30s} {'CLIP':>22s} {'CLIP+TMA':>22s} {'delta':>24s}")
+        per = {}
+        for f in PLANTED:
+            k = FINDINGS.index(f)
+            pa, pb = (np.array(res[v][f"probs_{prompts}"])[:, k] for v in ("clip", "tma"))
+            a, b = auc_with_ci(y[:, k], pa, n_boot, seed), auc_with_ci(y[:, k], pb, n_boot, seed)
+            d = paired_delta(y[:, k], pa, pb, n_boot, seed)
+            per[f] = {"clip": a[:3], "tma": b[:3], "delta": d}
+            lines.append(f"{f:30s} {a[0]:6.3f} [{a[1]:.3f}, {a[2]:.3f}] {b[0]:6.3f} [{b[1]:.3f}, {b[2]:.3f}] "
+                         f"{d[0]:+6.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+        mean = {v: float(np.mean([per[f][v][0] for f in PLANTED])) for v in ("clip", "tma")}
+        lines.append(f"{'mean (8 planted)':30s} {mean['clip']:6.3f} {'':15s} {mean['tma']:6.3f}")
+        summary[prompts] = {"per_label": per, "mean": mean}
+    lines.append("\nother scores (test split)              CLIP    CLIP+TMA")
+    for key in ("probe/mean_auc", "probe/report/mean_auc", "retrieval/i2t_R@1", "retrieval/t2i_R@1",
+                "retrieval/i2t_R@10"):
+        a, b = (res[v]["metrics"].get(key, float("nan")) for v in ("clip", "tma"))
+        lines.append(f"{key:38s} {a:6.3f}  {b:6.3f}")
+    for prompts in ("single", "ensemble"):
+        vals = []
+        for v in ("clip", "tma"):
+            rp = np.array(res[v][f"report_probs_{prompts}"])
+            from sklearn.metrics import roc_auc_score
+
+            vals.append(np.mean([roc_auc_score(y[:, FINDINGS.index(f)], rp[:, FINDINGS.index(f)]) for f in PLANTED]))
+        lines.append(f"{'zero-shot on report embeddings (' + prompts + ')':38s} {vals[0]:6.3f}  {vals[1]:6.3f}")
+    return "\n".join(lines), summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cluster.science", description=__doc__.split("\n")[0])
+    p.add_argument("--seed", type=int, default=0, help="training seed (init, data order, augmentation)")
+    p.add_argument("--data-seed", type=int, default=0, help="phantom set")
+    p.add_argument("--n", type=int, default=1200, help="phantoms (a third held out: valid + test)")
+    p.add_argument("--out", default="runs")
+    p.add_argument("--data", default="data", help="where the phantom sets live")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config overrides for both runs")
+    p.add_argument("--only", choices=["clip", "tma"], default=None, help="train one variant (scores both if present)")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    out = (REPO / a.out).resolve()
+    shards = prepare_data((REPO / a.data / f"phantom-d{a.data_seed}-n{a.n}").resolve(), a.n, a.data_seed)
+    t_data = time.time() - t0
+    runs = {}
+    for v in ("clip", "tma"):
+        runs[v] = (train(v, shards, out, a.seed, a.overrides) if a.only in (None, v)
+                   else out / f"phantom-{v}" / f"s{a.seed}")
+    t_train = time.time() - t0 - t_data
+    res = {v: score(d, shards) for v, d in runs.items()}
+    text, summary = table(res, a.bootstrap, a.seed)
+    print(text)
+    report = {"seed": a.seed, "data_seed": a.data_seed, "n": a.n, "overrides": a.overrides,
+              "seconds": {"data": round(t_data), "train_both": round(t_train), "total": round(time.time() - t0)},
+              "summary": summary, "metrics": {v: r["metrics"] for v, r in res.items()},
+              "metrics_ensemble": {v: r["metrics_ensemble"] for v, r in res.items()},
+              "checkpoints": {v: r["checkpoint"] for v, r in res.items()}}
+    path = out / f"science-s{a.seed}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"\ndata {t_data:.0f} s, both trainings {t_train:.0f} s, total {time.time() - t0:.0f} s -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The ``data`` section: canonical grid, ingest bounds, views and augmentation, loader resources."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.config import ConfigError, check_len, check_range
+
+
+@dataclass
+class ViewsConfig:
+    """Multi-view crops for TMA (data_service.views)."""
+    n: int = 2                                  # views per volume (0 = no views: CLIP only)
+    size: list[int] = field(default_factory=lambda: [128, 128, 64])  # every view is resized to this
+    scale: list[float] = field(default_factory=lambda: [0.4, 0.7])   # crop edge / volume edge
+    flip_prob: float = 0.5                      # random flip per axis
+    intensity_jitter: float = 0.1               # +- scale/shift of normalised intensity
+    noise_std: float = 0.02                     # gaussian noise on normalised intensity
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation of the whole volume and of the report (views have their own).
+    Off by default; why each is on in configs/phantom.yaml is in docs/design.md."""
+    shift: float = 0.0                          # random translation, fraction of each edge (air fills in)
+    intensity_jitter: float = 0.0               # +- scale/shift of normalised intensity
+    noise_std: float = 0.0                      # gaussian noise on normalised intensity
+    sentence_keep: float = 1.0                  # each report sentence kept with this probability (>= 1 kept)
+    sentence_shuffle: bool = False              # shuffle the sentences within each report section
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/shards"                 # ingested webdataset shards (with manifest.json)
+    spacing: list[float] = field(default_factory=lambda: [1.0, 1.0, 4.0])  # mm, RAS axes
+    size: list[int] = field(default_factory=lambda: [256, 256, 128])       # voxels after pad/crop
+    orientation: str = "RAS"
+    hu_clip: list[float] = field(default_factory=lambda: [-1024.0, 3071.0])  # stored range (int16)
+    hu_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])  # model input window
+    min_slices: int = 16                        # fewer slices than this -> rejected
+    max_spacing_jitter_mm: float = 0.05         # DICOM: slice gaps differing more -> rejected
+    max_gantry_tilt_deg: float = 30.0           # DICOM: larger tilt -> rejected, smaller -> corrected
+    shard_size: int = 32                        # studies per shard
+    test_fraction_of_valid: float = 0.5         # patients moved from valid to a test split (0 = none)
+    workers: int = 0                            # ingest processes (0 = all cores)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    max_text_tokens: int = 256                  # per report (model.text_unit=report)
+    max_sentences: int = 32                     # per report (model.text_unit=sentence); the rest is cut
+    max_sentence_tokens: int = 48               # per sentence
+    loader_actors: int = 1                      # Ray Data actor pool size for decode/crop
+    loader_cpus_per_actor: float = 0.5
+    object_store_mb: int = 1024                 # cap for the local Ray object store
+
+    def validate(self, root=None) -> "DataConfig":
+        for key, seq, n in (("data.spacing", self.spacing, 3), ("data.size", self.size, 3),
+                            ("data.views.size", self.views.size, 3), ("data.views.scale", self.views.scale, 2),
+                            ("data.hu_window", self.hu_window, 2), ("data.hu_clip", self.hu_clip, 2)):
+            check_len(key, seq, n)
+        if any(s <= 0 for s in self.spacing):
+            raise ConfigError(f"data.spacing: must be positive, got {self.spacing!r}")
+        if self.hu_window[1] <= self.hu_window[0]:
+            raise ConfigError(f"data.hu_window: must be increasing, got {self.hu_window!r}")
+        lo, hi = self.views.scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"data.views.scale: need 0 < lo <= hi <= 1, got {self.views.scale!r}")
+        check_range("data.views.n", self.views.n, 0)
+        check_range("data.augment.shift", self.augment.shift, 0.0, 0.5)
+        check_range("data.augment.sentence_keep", self.augment.sentence_keep, 0.0, 1.0)
+        check_range("data.min_slices", self.min_slices, 1)
+        check_range("data.shard_size", self.shard_size, 1)
+        return self

@@ -1,0 +1,174 @@
+"""Score one checkpoint on the downstream tasks: what the CLI, the evaluator actor and the sweep's
+validation all call (``Scoring``), and one scorer per task (``SCORERS``, keyed like ``TASKS``)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from common.config import load_config
+from evaluators.config import TASKS
+from evaluators.tasks import features
+
+
+class Scoring:
+    """One loaded checkpoint to score task by task: the export is loaded once, and each split is
+    embedded once however many tasks use it (with the feature map too when report generation is
+    among ``tasks``). ``overrides`` (``eval.seg_steps=100`` ...) change the checkpoint's own config;
+    ``n_boot`` replaces ``eval.bootstrap``; ``device``: default a GPU when one is visible."""
+
+    def __init__(self, path: str | Path, shards: str, n_boot: int | None = None,
+                 overrides: list[str] | None = None, device: str | None = None, tasks: list[str] | None = None):
+        from trainer.engine import load_export
+
+        self.path, self.shards = path, shards
+        self.model, self.tok, cfg, self.info = load_export(path)
+        self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if overrides:
+            cfg = load_config(None, overrides, extra=cfg.to_dict())
+        if n_boot is not None:
+            cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, bootstrap=n_boot))
+        self.cfg = cfg
+        self.memory = "reportgen" in (tasks or TASKS)
+        self._splits: dict[str, dict] = {}
+
+    def embed(self, split: str) -> dict:
+        """{img, txt, labels, keys, reports[, memory]} of ``split`` (computed once)."""
+        if split not in self._splits:
+            self._splits[split] = features.embed_split(self.model, self.tok, self.cfg, self.shards, split,
+                                                       memory=self.memory)
+        return self._splits[split]
+
+    def labelled(self, split: str) -> dict:
+        e = self.embed(split)
+        if np.isnan(e["labels"]).any():
+            raise ValueError(f"{self.shards}: split {split!r} has studies without the 18 labels")
+        return e
+
+    def score(self, tasks: list[str]) -> dict:
+        """-> {checkpoint, step, mlflow_run_id, metrics, extras} for ``tasks``."""
+        metrics: dict[str, float] = {}
+        extras: dict = {}
+        for t in check_tasks(tasks):
+            metrics.update(SCORERS[t](self, extras))
+        return {"checkpoint": str(self.path), "step": self.info.get("step"),
+                "mlflow_run_id": self.info.get("mlflow_run_id"),
+                "metrics": {k: float(v) for k, v in metrics.items()}, "extras": extras}
+
+
+# ------------------------------------------------------------------------------------------ tasks
+def score_zeroshot(sc: Scoring, extras: dict) -> dict[str, float]:
+    from evaluators.tasks.zeroshot import prompt_embeddings, zeroshot_probs
+    from evaluators.tasks.zeroshot import score_zeroshot as protocol
+
+    e = sc.cfg.eval
+    prompts = prompt_embeddings(sc.model, sc.tok, sc.cfg, ensemble=e.prompts == "ensemble")
+    scale = float(sc.model.logit_scale.detach().exp().clamp(max=100))
+    thr, test = sc.labelled(e.split_threshold), sc.labelled(e.split_test)
+    try:
+        out, extras["zeroshot_table"], extras["zeroshot_roc"] = protocol(
+            zeroshot_probs(thr["img"], prompts, scale), thr["labels"], zeroshot_probs(test["img"], prompts, scale),
+            test["labels"], e.bootstrap, sc.cfg.train.seed)
+    except ValueError as err:
+        raise ValueError(f"{sc.shards}: {err} ({e.split_threshold} / {e.split_test})") from err
+    return out
+
+
+def score_retrieval(sc: Scoring, extras: dict) -> dict[str, float]:
+    from evaluators.tasks.retrieval import recall_at_k
+
+    e = sc.embed(sc.cfg.eval.split_test)
+    return {f"retrieval/{k}": v for k, v in recall_at_k(e["img"], e["txt"]).items()}
+
+
+def score_probe(sc: Scoring, extras: dict) -> dict[str, float]:
+    """Logistic regression per label on frozen embeddings, train -> test: the image embeddings
+    (``probe/*``) and, beside them, the report embeddings (``probe/report/*``): a text tower that
+    forgets the findings shows here even when the image side looks fine."""
+    from evaluators.tasks.probe import linear_probe_auc
+
+    tr, te = sc.labelled("train"), sc.labelled(sc.cfg.eval.split_test)
+    out: dict[str, float] = {}
+    extras["probe_table"] = []
+    for tower, key, prefix in (("image", "img", "probe"), ("report", "txt", "probe/report")):
+        aucs = linear_probe_auc(tr[key].numpy(), tr["labels"], te[key].numpy(), te["labels"])
+        if not aucs:
+            raise ValueError(f"{sc.shards}: no label has both classes in train and test")
+        extras["probe_table"] += [{"embedding": tower, "label": k, "auc": v} for k, v in aucs.items()]
+        out.update({f"{prefix}/auc/{k}": v for k, v in aucs.items()})
+        out[f"{prefix}/mean_auc"] = float(np.mean(list(aucs.values())))
+    return out
+
+
+def score_reportgen(sc: Scoring, extras: dict) -> dict[str, float]:
+    from evaluators.tasks.reportgen import caption_metrics, train_and_generate
+
+    cfg = sc.cfg
+    tr, te = sc.embed("train"), sc.embed(cfg.eval.split_test)
+    hyps, loss = train_and_generate(tr["memory"], tr["reports"], te["memory"], sc.tok, cfg.data.max_text_tokens,
+                                    cfg.eval.reportgen_steps, cfg.train.seed, cfg.eval.reportgen_lr,
+                                    device=features.model_device(sc.model))
+    extras["reportgen_samples"] = [{"key": k, "reference": r, "generated": h}
+                                   for k, r, h in zip(te["keys"], te["reports"], hyps)]
+    out = {f"reportgen/{k}": v for k, v in caption_metrics(te["reports"], hyps).items()}
+    out["reportgen/train_loss"] = loss
+    return out
+
+
+def score_segmentation(sc: Scoring, extras: dict) -> dict[str, float]:
+    from data_service.preprocess import to_model_input
+    from evaluators.tasks.segmentation import check_masks, finetune
+    from trainer.model.image import ImageEncoder
+
+    cfg, e = sc.cfg, sc.cfg.eval
+    classes = list(e.seg_classes)
+    tr = features.load_volumes(sc.shards, "train", masks=True)
+    te = features.load_volumes(sc.shards, e.split_test, masks=True)
+    for d in (tr, te):
+        check_masks(d["y"], d["keys"], len(classes))
+    kw = dict(n_classes=len(classes), steps=e.seg_steps, seed=cfg.train.seed, lr=e.seg_lr, roi=list(e.seg_roi),
+              prep=lambda hu: to_model_input(hu, cfg.data), device=features.model_device(sc.model))
+    dice, loss = finetune(copy.deepcopy(sc.model.image), tr["hu"], tr["y"], te["hu"], te["y"], **kw)
+    torch.manual_seed(cfg.train.seed + 1)
+    dice0, loss0 = finetune(ImageEncoder(cfg.model), tr["hu"], tr["y"], te["hu"], te["y"], **kw)
+    out, table = {}, []
+    for c, d, d0 in zip(classes, dice, dice0):
+        table.append({"class": c, "dice_pretrained": float(d), "dice_random_init": float(d0)})
+        if np.isfinite(d):
+            out[f"segmentation/dice/{c}"], out[f"segmentation/random_init/dice/{c}"] = float(d), float(d0)
+    if not out:
+        raise ValueError(f"{sc.shards}: no class of eval.seg_classes {classes} occurs in the test masks")
+    extras["segmentation_table"] = table
+    mean, mean0 = float(np.nanmean(dice)), float(np.nanmean(dice0))
+    out.update({"segmentation/mean_dice": mean, "segmentation/random_init/mean_dice": mean0,
+                "segmentation/gain_vs_random": mean - mean0, "segmentation/train_loss": loss,
+                "segmentation/random_init/train_loss": loss0, "segmentation/steps": float(e.seg_steps)})
+    return out
+
+
+SCORERS: dict[str, Callable[[Scoring, dict], dict[str, float]]] = {
+    "zeroshot": score_zeroshot, "retrieval": score_retrieval, "probe": score_probe,
+    "reportgen": score_reportgen, "segmentation": score_segmentation}
+assert tuple(SCORERS) == TASKS, "evaluators.config.TASKS and SCORERS must name the same tasks"
+
+
+def check_tasks(tasks: list[str]) -> list[str]:
+    unknown = [t for t in tasks if t not in SCORERS]
+    if unknown:
+        raise ValueError(f"--tasks: unknown task(s) {unknown}; available: {list(TASKS)}")
+    return tasks
+
+
+def parse_tasks(text: str) -> list[str]:
+    """``all`` or a comma list -> checked task names (the CLIs' ``--tasks``)."""
+    return check_tasks(list(TASKS) if text == "all" else [t.strip() for t in text.split(",") if t.strip()])
+
+
+def score_checkpoint(path: str | Path, shards: str, tasks: list[str], n_boot: int | None = None,
+                     overrides: list[str] | None = None, device: str | None = None) -> dict:
+    """Load an export and score it on ``tasks`` (see ``Scoring``)."""
+    return Scoring(path, shards, n_boot, overrides, device, tasks).score(tasks)

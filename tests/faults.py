@@ -1,0 +1,43 @@
+"""Faults the tests install: a training worker killed after a checkpoint, an evaluator that crashes.
+They go in through the product's extension points (``trainer.loop.LoopCallback``,
+``eval.watcher``), never through config keys of the product itself."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from evaluators.actor import EvalThread
+from trainer.loop import LoopCallback
+
+
+class KillWorkerAt(LoopCallback):
+    """The last rank dies (``os._exit``) right after optimizer step ``step``, once per run folder,
+    a few seconds after the step's checkpoint was reported (Ray registers it asynchronously)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, run) -> None:
+        if run.state["step"] != self.step or run.rank != run.world - 1:
+            return
+        marker = Path(run.args.run_dir) / f"failed_at_{self.step}"
+        if marker.exists():
+            return
+        marker.write_text("injected failure")
+        time.sleep(5)
+        print(f"[test] rank {run.rank}: injected failure at step {self.step}", flush=True)
+        os._exit(1)
+
+
+def crash_once(ck: Path, task: str) -> None:
+    """The evaluator actor's process dies before its first task of the run (once)."""
+    marker = Path(ck).parent / "eval_crashed_once"
+    if not marker.exists():
+        marker.write_text("crashed once")
+        os._exit(1)
+
+
+class CrashingEvalThread(EvalThread):
+    """``eval.watcher=tests.faults:CrashingEvalThread``: the default watcher with ``crash_once``."""
+    before_task = staticmethod(crash_once)

@@ -1,0 +1,59 @@
+"""The code's shape: imports run one way (common <- data_service <- trainer <- evaluators <- cluster),
+and every collective of the project lives in trainer/losses/dist.py."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import REPO
+
+ORDER = ("common", "data_service", "trainer", "evaluators", "cluster")
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather", "scatter",
+               "all_to_all", "barrier"}
+
+
+def _py_files(pkg: str):
+    return sorted((REPO / pkg).rglob("*.py"))
+
+
+def _imports(path: Path):
+    """(line, top-level package) of every import in the file, at any depth (lazy imports too)."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield node.lineno, a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module.split(".")[0]
+
+
+def test_imports_run_one_way():
+    wrong = []
+    for rank, pkg in enumerate(ORDER):
+        for f in _py_files(pkg):
+            for line, top in _imports(f):
+                if top in ORDER and ORDER.index(top) > rank:
+                    wrong.append(f"{f.relative_to(REPO)}:{line} imports {top} (above {pkg})")
+    assert not wrong, "imports against common <- data_service <- trainer <- evaluators <- cluster:\n" + "\n".join(wrong)
+
+
+def test_the_check_sees_a_wrong_import(tmp_path):
+    bad = tmp_path / "x.py"
+    bad.write_text("def f():\n    from evaluators.scoring import Scoring\n")
+    assert list(_imports(bad)) == [(2, "evaluators")]
+
+
+def test_collectives_only_in_losses_dist():
+    home = REPO / "trainer" / "losses" / "dist.py"
+    found = []
+    for pkg in ORDER:
+        for f in _py_files(pkg):
+            if f == home:
+                continue
+            for node in ast.walk(ast.parse(f.read_text(), str(f))):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
+                    base = ast.unparse(node.func.value)
+                    if "dist" in base or "torch" in base:
+                        found.append(f"{f.relative_to(REPO)}:{node.lineno} {ast.unparse(node.func)}")
+    assert not found, "collectives outside trainer/losses/dist.py:\n" + "\n".join(found)
+    assert "all_reduce" in home.read_text() and "all_gather" in home.read_text()

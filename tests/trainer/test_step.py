@@ -1,0 +1,58 @@
+"""The one training step outside Ray (a one-process DeepSpeed engine), and the device-side
+augmentation it starts with."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import load_config
+from tests.conftest import REPO
+from trainer.augment import augment_reference, hash_normal
+
+
+def test_augment_reference_hand_case():
+    x = torch.tensor([[-1000, 0], [1000, 2000]], dtype=torch.int16).view(1, 1, 2, 2, 1).repeat(2, 1, 1, 1, 1)
+    p = torch.zeros(2, 7, dtype=torch.float64)
+    p[:, 3] = 1.0
+    p[1, :3] = torch.tensor([1.0, 0.0, 0.0])             # volume 1: flipped along x
+    p[1, 3], p[1, 4] = 2.0, -0.5                          # ... and scaled / shifted
+    y = augment_reference(x, p, (-1000.0, 1000.0))
+    assert y[0, 0, :, :, 0].tolist() == [[0.0, 0.5], [1.0, 1.0]]            # window, clipped at 1
+    assert y[1, 0, :, :, 0].tolist() == [[1.5, 1.5], [-0.5, 0.5]]           # flip x, then 2 v - 0.5
+    p[:, 5], p[:, 6] = 0.1, 42.0                          # noise: std 0.1, seed 42
+    n = augment_reference(x, p, (-1000.0, 1000.0))
+    torch.testing.assert_close(n[0] - y[0], 0.1 * hash_normal(42, 4).view(1, 2, 2, 1))
+    assert torch.equal(n, augment_reference(x, p, (-1000.0, 1000.0)))       # same seed, same noise
+    z = hash_normal(3, 100_000)
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02 and not torch.equal(z, hash_normal(4, 100_000))
+
+
+@pytest.mark.timeout(300)
+def test_train_step_outside_ray_learns(phantom):
+    """The step the Ray Train loop runs, on a one-process engine: the loss falls on a fixed batch."""
+    from common.text import build_tokenizer
+    from data_service.shards import iter_split
+    from data_service.views import prepare_sample
+    from trainer.engine import init_engine
+    from trainer.losses import T3DLoss
+    from trainer.model import build_model
+    from trainer.step import Batch, train_step
+
+    cfg = load_config(REPO / "configs/debug.yaml", ["train.lr=0.001", "train.warmup_steps=0", "train.steps=30",
+                                                    "train.batch_size=4", "tma.prototypes=2"])
+    samples = list(iter_split(phantom / "shards", "train"))[:4]
+    tok = build_tokenizer([s["report"] for s in samples], 300)
+    items = [prepare_sample(s, cfg.data, seed=i) for i, s in enumerate(samples)]
+    enc = tok([it["report"] for it in items], padding="longest", truncation=True, max_length=96, return_tensors="np")
+    batch = Batch.from_numpy({"image": np.stack([it["image"] for it in items]),
+                              "views": np.stack([it["views"] for it in items]),
+                              "params": np.stack([it["params"] for it in items]),
+                              "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, "cpu", True)
+    torch.manual_seed(0)
+    engine = init_engine(build_model(cfg, len(tok)), cfg)
+    loss_fn = T3DLoss(cfg.tma)
+    logs = [train_step(engine, loss_fn, batch, cfg.data) for _ in range(25)]
+    assert {"clip", "local", "consistency", "loss"} <= set(logs[0])
+    assert logs[-1]["clip"] < 0.5 * logs[0]["clip"], [round(x["clip"], 3) for x in logs]
+    assert engine.global_steps == 25

@@ -1,0 +1,62 @@
+"""One training step, shared by the Ray Train loop and any single-process run (tests, checks).
+
+``train_step(engine, loss_fn, batch, data)``: the device-side float work on the int16 batch
+(``trainer.kernels.augment``), forward, loss, backward, optimizer step. ``engine`` is a DeepSpeed
+engine (``trainer.engine.init_engine``): it owns the optimizer, the clipping, the accumulation and
+the LR schedule, in one place, for every caller.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_service.config import DataConfig
+from trainer.kernels import augment
+
+
+@dataclass
+class Batch:
+    """One micro-batch on the trainer's device, as the loader shipped it (int16 + parameters)."""
+    image: torch.Tensor                 # (B, 1, X, Y, Z) int16 HU
+    views: torch.Tensor | None          # (B, V, 1, x, y, z) int16 HU, or None (CLIP only)
+    params: torch.Tensor                # (B, 1 + V, 7) float64: row 0 the whole volume, then the views
+    input_ids: torch.Tensor             # (B, L)
+    attention_mask: torch.Tensor        # (B, L)
+
+    @classmethod
+    def from_numpy(cls, b: dict[str, Any], device, views: bool, rows: np.ndarray | None = None) -> "Batch":
+        """From a loader batch (``data_service.stream``); ``rows`` selects samples (default all)."""
+        def t(name):
+            a = b[name] if rows is None else b[name][rows]
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+        return cls(t("image"), t("views") if views else None, t("params"), t("input_ids"), t("attention_mask"))
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+
+def model_inputs(batch: Batch, data: DataConfig, dtype: torch.dtype, kernel: str = "auto"):
+    """int16 HU + parameters -> the float image (B,1,X,Y,Z) and views (B,V,1,x,y,z) or None."""
+    image = augment(batch.image, batch.params[:, 0], data.hu_window, kernel).to(dtype)
+    views = None
+    if batch.views is not None and batch.views.shape[1] > 0:
+        b, v = batch.views.shape[:2]
+        flat = augment(batch.views.flatten(0, 1), batch.params[:, 1:].flatten(0, 1), data.hu_window, kernel)
+        views = flat.view(b, v, *flat.shape[1:]).to(dtype)
+    return image, views
+
+
+def train_step(engine, loss_fn, batch: Batch, data: DataConfig, dtype: torch.dtype = torch.float32,
+               kernel: str = "auto") -> dict[str, float]:
+    """Forward, loss, backward and (at an accumulation boundary) the optimizer step; returns the
+    loss terms as floats."""
+    image, views = model_inputs(batch, data, dtype, kernel)
+    out = engine(image, batch.input_ids, batch.attention_mask, views)
+    loss, logs = loss_fn(out)
+    engine.backward(loss)
+    engine.step()
+    return logs
