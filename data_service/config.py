@@ -42,6 +42,9 @@ class DataConfig:
     shard_size: int = 32                        # studies per shard
     test_fraction_of_valid: float = 0.5         # patients moved from valid to a test split (0 = none)
     workers: int = 0                            # ingest processes (0 = all cores)
+    max_voxels: int = 2**30                     # header claims more -> rejected unread (too_large)
+    worker_memory_mb: int = 8192                # each ingest worker's data limit (RLIMIT_DATA); 0 = none
+    text_fallback_encoding: str = "cp1252"      # report bytes that are not UTF-8 are decoded with this
     views: ViewsConfig = field(default_factory=ViewsConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     max_text_tokens: int = 256                  # per report (model.text_unit=report)
@@ -68,4 +71,10 @@ class DataConfig:
         check_range("data.augment.sentence_keep", self.augment.sentence_keep, 0.0, 1.0)
         check_range("data.min_slices", self.min_slices, 1)
         check_range("data.shard_size", self.shard_size, 1)
+        check_range("data.max_voxels", self.max_voxels, 1)
+        check_range("data.worker_memory_mb", self.worker_memory_mb, 0)
+        try:
+            "".encode(self.text_fallback_encoding)
+        except LookupError as e:
+            raise ConfigError(f"data.text_fallback_encoding: {self.text_fallback_encoding!r} is not a codec: {e}") from e
         return self

@@ -4,11 +4,14 @@
         [--config configs/debug.yaml] [--set data.shard_size=16] [--engine local|ray] [--workers N]
 
 The plan is deterministic: studies sorted by (split, id) and cut into shards of
-``data.shard_size``. Each shard is one task (a process locally, or a Ray Data ``map`` over the
-shard plan on a cluster: the same function). A shard is written to a temp file and renamed, then
-its sidecar ``{shard}.json`` (sha256, keys, rejects). A re-run skips shards whose sidecar matches
-the tar on disk, so a crashed run finishes only the missing shards. Memory is bounded by one
-volume per worker plus one shard's compressed samples.
+``data.shard_size``. Each shard is one task (a process locally, or a Ray task on a cluster: the
+same function). A shard is written to a temp file and renamed, then its sidecar ``{shard}.json``
+(sha256, keys, rejects). A re-run skips shards whose sidecar matches the tar on disk, so a crashed
+run finishes only the missing shards.
+Bounded: a header claiming more than ``data.max_voxels`` (or more memory than a worker has) is
+rejected unread (``too_large``); every worker caps its own memory (``data.worker_memory_mb``), so
+what slips through fails that study; a worker that dies anyway has its shard retried once, then
+each of its studies alone, and a study whose worker dies again is rejected (``worker_crashed``).
 Outputs: shards, ``manifest.json`` (counts, shard list, checksums, config), ``rejects.jsonl``.
 Counts must add up: in = written + rejected, or the run fails.
 """
@@ -47,20 +50,34 @@ def process_study(study: Study, data: DataConfig) -> dict[str, Any]:
     return sh.encode_sample(study.id, c.hu, study.report, meta, c.mask)
 
 
-def process_shard(spec: dict[str, Any], data: DataConfig, out_dir: str) -> dict[str, Any]:
-    """Write one shard + sidecar; return the sidecar. Top-level so processes/Ray can run it."""
+def _reject(study: Study, reason: str, detail: str) -> dict[str, Any]:
+    return {"id": study.id, "split": study.split, "reason": reason, "detail": detail,
+            "image": study.image if isinstance(study.image, str) else str(study.image[0])}
+
+
+def encode_one(sd: dict[str, Any], data: DataConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(sample, None) or (None, reject) for one study; never raises for a bad input."""
+    study = Study(**sd)
+    try:
+        return process_study(study, data), None
+    except Reject as r:
+        return None, _reject(study, r.reason, r.detail)
+    except MemoryError as e:
+        return None, _reject(study, "too_large", f"{study.image}: out of memory (data.worker_memory_mb="
+                                                 f"{data.worker_memory_mb}): {e}")
+    except Exception as e:  # noqa: BLE001 - an unforeseen failure on one input is that input's reject
+        return None, _reject(study, "preprocess_error", f"{study.image}: {type(e).__name__}: {e}")
+
+
+def process_shard(spec: dict[str, Any], data: DataConfig, out_dir: str,
+                  encoded: list[tuple[dict | None, dict | None]] | None = None, encode=encode_one) -> dict[str, Any]:
+    """Write one shard + sidecar; return the sidecar. Top-level so processes/Ray can run it.
+    ``encoded``: the studies' results when they were made elsewhere (isolated, one process each);
+    ``encode``: the per-study function (tests replace it to kill a worker)."""
     out = Path(out_dir)
-    samples, rejects = [], []
-    for sd in spec["studies"]:
-        study = Study(**sd)
-        try:
-            samples.append(process_study(study, data))
-        except Reject as r:
-            rejects.append({"id": study.id, "split": study.split, "reason": r.reason, "detail": r.detail,
-                            "image": study.image if isinstance(study.image, str) else str(study.image[0])})
-        except MemoryError as e:
-            rejects.append({"id": study.id, "split": study.split, "reason": "preprocess_error",
-                            "detail": f"MemoryError: {e}", "image": str(study.image)})
+    results = encoded if encoded is not None else [encode(sd, data) for sd in spec["studies"]]
+    samples = [smp for smp, _ in results if smp is not None]
+    rejects = [rej for _, rej in results if rej is not None]
     info = sh.write_shard(out / spec["name"], samples)
     side = {**info, "split": spec["split"], "n_in": len(spec["studies"]),
             "keys": [s["__key__"] for s in samples], "rejects": rejects, "plan": spec["plan_hash"]}
@@ -68,6 +85,57 @@ def process_shard(spec: dict[str, Any], data: DataConfig, out_dir: str) -> dict[
     tmp.write_text(json.dumps(side))
     tmp.replace(out / (spec["name"] + ".json"))
     return side
+
+
+def limit_memory(mb: int) -> None:
+    """Cap this process's data segment (heap and anonymous mmaps) at ``mb`` MiB: an allocation past
+    it raises MemoryError in this worker (one study fails), instead of the kernel killing a process."""
+    if mb > 0:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_DATA, (mb * 2**20, mb * 2**20))
+
+
+def _pool(n: int, data: DataConfig) -> ProcessPoolExecutor:
+    # spawn, not fork: forking a process whose torch/OpenMP threads already ran deadlocks
+    return ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=limit_memory, initargs=(data.worker_memory_mb,))
+
+
+def _run_local(todo: list[dict], data: DataConfig, out: str, n_workers: int, bar, encode=encode_one) -> list[dict]:
+    """Shards in a process pool. A worker that dies (killed for memory, crashed) breaks the pool:
+    its shards are retried once in a new pool; a shard that fails again has each of its studies
+    run in a process of its own, and a study whose process dies is rejected (worker_crashed)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    sides, tries, pending, isolate = [], {s["name"]: 0 for s in todo}, list(todo), []
+    while pending:
+        with _pool(min(n_workers, len(pending)), data) as pool:
+            futs = {pool.submit(process_shard, s, data, out, None, encode): s for s in pending}
+            pending = []
+            for f in as_completed(futs):
+                spec = futs[f]
+                try:
+                    sides.append(f.result())
+                    bar.update(len(spec["studies"]))
+                except BrokenProcessPool:
+                    tries[spec["name"]] += 1
+                    (pending if tries[spec["name"]] == 1 else isolate).append(spec)
+        if pending:
+            print(f"ingest: a worker died; retrying {len(pending)} shard(s) once", flush=True)
+    for spec in isolate:
+        print(f"ingest: {spec['name']} failed twice; running its studies one process each", flush=True)
+        results = []
+        for sd in spec["studies"]:
+            try:
+                with _pool(1, data) as one:
+                    results.append(one.submit(encode, sd, data).result())
+            except BrokenProcessPool:
+                results.append((None, _reject(Study(**sd), "worker_crashed", f"{sd['image']}: the worker process "
+                                              "died on this study, twice (killed for memory, or a crash in a reader)")))
+        sides.append(process_shard(spec, data, out, results))
+        bar.update(len(spec["studies"]))
+    return sides
 
 
 def plan_shards(studies: list[Study], shard_size: int) -> list[dict[str, Any]]:
@@ -102,11 +170,13 @@ def _done(spec: dict[str, Any], out: Path) -> dict[str, Any] | None:
 
 
 def run(source: str, input_dir: str, out_dir: str, data: DataConfig, engine: str = "local",
-        workers: int = 0, progress: bool = True) -> dict[str, Any]:
+        workers: int = 0, progress: bool = True, encode=encode_one) -> dict[str, Any]:
+    """Ingest ``input_dir`` (layout ``source``) into ``out_dir``; returns the manifest. ``encode``:
+    the per-study function of the local engine (tests replace it to kill a worker)."""
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    studies, early = discover(source, input_dir, data.test_fraction_of_valid)
+    studies, early = discover(source, input_dir, data.test_fraction_of_valid, data.text_fallback_encoding)
     n_in = len(studies) + len(early)
     keys = Counter(sh.safe_key(s.id) for s in studies)
     dup = {k for k, n in keys.items() if n > 1}
@@ -132,18 +202,7 @@ def run(source: str, input_dir: str, out_dir: str, data: DataConfig, engine: str
 
         bar = tqdm(total=sum(len(s["studies"]) for s in todo), unit="vol", disable=not progress,
                    desc="ingest", file=sys.stdout)
-        if n_workers == 1:
-            for spec in todo:
-                sides.append(process_shard(spec, data, str(out)))
-                bar.update(len(spec["studies"]))
-        else:
-            # spawn, not fork: forking a process whose torch/OpenMP threads already ran deadlocks
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=min(n_workers, len(todo)), mp_context=ctx) as pool:
-                futs = {pool.submit(process_shard, s, data, str(out)): s for s in todo}
-                for f in as_completed(futs):
-                    sides.append(f.result())
-                    bar.update(len(futs[f]["studies"]))
+        sides += _run_local(todo, data, str(out), n_workers, bar, encode)
         bar.close()
     for side in sides:
         rejects += side["rejects"]
@@ -172,16 +231,37 @@ def run(source: str, input_dir: str, out_dir: str, data: DataConfig, engine: str
 
 
 def _run_ray(todo, data, out):
-    """The same shard function as a Ray Data job (one row per shard)."""
+    """The same shard function as Ray tasks (one per shard), each capping its worker's memory. A
+    task whose worker dies is retried once by Ray; then its studies run one task each, and a study
+    whose worker dies again is rejected (worker_crashed)."""
     import ray
+    from ray.exceptions import RayError
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                  log_to_driver=False)
-    ds = ray.data.from_items([{"spec": json.dumps(s)} for s in todo])
-    ds = ds.map(lambda row: {"side": json.dumps(process_shard(json.loads(row["spec"]), data, out))},
-                num_cpus=1)
-    return [json.loads(r["side"]) for r in ds.take_all()]
+
+    def capped(fn, *args):
+        limit_memory(data.worker_memory_mb)
+        return fn(*args)
+
+    task = ray.remote(num_cpus=1, max_retries=1)(capped)
+    refs = {task.remote(process_shard, s, data, out): s for s in todo}
+    sides = []
+    for ref, spec in refs.items():
+        try:
+            sides.append(ray.get(ref))
+        except RayError:
+            one = ray.remote(num_cpus=1, max_retries=0)(capped)
+            results = []
+            for sd in spec["studies"]:
+                try:
+                    results.append(ray.get(one.remote(encode_one, sd, data)))
+                except RayError as e:
+                    results.append((None, _reject(Study(**sd), "worker_crashed",
+                                                  f"{sd['image']}: the Ray worker died on this study: {str(e)[:200]}")))
+            sides.append(process_shard(spec, data, out, results))
+    return sides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,29 @@ from typing import Any, Sequence
 import numpy as np
 
 REASONS = ("unreadable", "truncated", "missing_report", "missing_image", "not_ct", "too_few_slices",
-           "inconsistent_spacing", "gantry_tilt", "bad_geometry", "preprocess_error", "duplicate_id")
+           "inconsistent_spacing", "gantry_tilt", "bad_geometry", "preprocess_error", "duplicate_id",
+           "too_large", "worker_crashed", "bad_text")
+DEFAULT_MAX_VOXELS = 2**30
+"""Larger than any clinical CT (512 x 512 x 4096 is half of it)."""
+WORKING_COPIES = 4
+"""float32 copies of a volume the read + resample path holds at its peak (measured, see docs)."""
+
+
+def check_size(where: str, shape: Sequence[int], max_voxels: int, max_bytes: int | None) -> None:
+    """Reject a volume from its header alone, before any voxel is read: more than ``max_voxels``
+    voxels, or a decoded working size above ``max_bytes`` (None: no byte bound)."""
+    n = 1
+    for d in shape:
+        if int(d) <= 0:
+            raise Reject("bad_geometry", f"{where}: header shape {tuple(shape)} has an empty axis")
+        n *= int(d)
+    if n > max_voxels:
+        raise Reject("too_large", f"{where}: header claims {tuple(int(d) for d in shape)} = {n:,} voxels "
+                                  f"> data.max_voxels={max_voxels:,}")
+    need = n * 4 * WORKING_COPIES
+    if max_bytes is not None and need > max_bytes:
+        raise Reject("too_large", f"{where}: {n:,} voxels need about {need / 2**30:.1f} GiB to read and "
+                                  f"resample > data.worker_memory_mb={max_bytes // 2**20}")
 
 
 class Reject(Exception):
@@ -50,23 +72,33 @@ def check_ct_values(arr: np.ndarray, where: str) -> None:
 
 # ----------------------------------------------------------------------------------------- NIfTI
 def read_nifti(path: str | Path, rescale: tuple[float, float] | None = None,
-               spacing_override: Sequence[float] | None = None, min_slices: int = 1) -> Volume:
+               spacing_override: Sequence[float] | None = None, min_slices: int = 1,
+               max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int | None = None) -> Volume:
     """Load a NIfTI volume. ``rescale=(slope, intercept)`` is applied to the *stored* values
     (CT-RATE keeps them in its metadata CSV); ``spacing_override`` replaces the voxel sizes
     while keeping the header's axis directions. Fewer than ``min_slices`` along the
-    superior-inferior axis (the axis closest to it) is rejected, as for DICOM."""
+    superior-inferior axis (the axis closest to it) is rejected, as for DICOM. The header's
+    shape is checked against ``max_voxels`` / ``max_bytes``, and against the file's size (or, for
+    .nii.gz, the size gzip records), before any voxel is read."""
     import nibabel as nib
 
     path = Path(path)
     if not path.is_file():
         raise Reject("missing_image", f"{path}: no such file")
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path))               # reads the header only
+    except Exception as e:  # noqa: BLE001 - nibabel raises many types for corrupt headers
+        raise Reject("unreadable", f"{path}: {type(e).__name__}: {e}") from e
+    check_size(str(path), img.shape[:3] if len(img.shape) >= 3 else img.shape, max_voxels, max_bytes)
+    _check_data_size(path, img)
+    try:
         if rescale is not None:
             arr = np.asarray(img.dataobj.get_unscaled(), dtype=np.float32)
             arr = arr * float(rescale[0]) + float(rescale[1])
         else:
             arr = np.asarray(img.get_fdata(dtype=np.float32))
+    except MemoryError as e:
+        raise Reject("too_large", f"{path}: out of memory while reading: {e}") from e
     except (EOFError, zlib.error) as e:
         raise Reject("truncated", f"{path}: {type(e).__name__}: {e}") from e
     except Exception as e:  # nibabel raises many types for corrupt headers
@@ -97,6 +129,31 @@ def read_nifti(path: str | Path, rescale: tuple[float, float] | None = None,
                                 "source_axcodes": "".join(nib.aff2axcodes(affine))})
 
 
+def _check_data_size(path: Path, img) -> None:
+    """The bytes the header promises against what the file holds (gzip stores the uncompressed
+    size mod 2^32 in its last 4 bytes): a lying header or a cut file is rejected unread."""
+    import struct
+
+    hdr = img.header
+    try:
+        offset = max(int(hdr.get_data_offset()), int(getattr(hdr, "single_vox_offset", 0)))
+        need = offset + int(np.prod(img.shape)) * np.dtype(hdr.get_data_dtype()).itemsize
+    except (TypeError, ValueError) as e:
+        raise Reject("unreadable", f"{path}: header: {e}") from e
+    size = path.stat().st_size
+    if path.name.endswith(".gz"):
+        if size < 18:
+            raise Reject("truncated", f"{path}: {size} bytes is not a gzip file")
+        with open(path, "rb") as f:
+            f.seek(-4, 2)
+            isize = struct.unpack("<I", f.read(4))[0]
+        if need < 2**32 and isize < need:      # (ISIZE is mod 2^32: larger files are bounded by max_voxels)
+            raise Reject("truncated", f"{path}: gzip holds {isize:,} bytes but the header needs {need:,}: "
+                                      "truncated file or lying header")
+    elif size < need:
+        raise Reject("truncated", f"{path}: {size:,} bytes < {need:,} the header needs")
+
+
 # ----------------------------------------------------------------------------------------- DICOM
 def _is_dicom(path: Path) -> bool:
     if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
@@ -125,7 +182,8 @@ def _series_key(ds) -> tuple:
 
 
 def read_dicom_series(files: Sequence[str | Path], min_slices: int = 16,
-                      max_spacing_jitter_mm: float = 0.05, max_tilt_deg: float = 30.0) -> Volume:
+                      max_spacing_jitter_mm: float = 0.05, max_tilt_deg: float = 30.0,
+                      max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int | None = None) -> Volume:
     """Stack one CT series. Groups files into series and keeps the largest (others are listed in
     meta), sorts slices by position along the slice normal, applies rescale slope/intercept,
     and corrects gantry tilt with a sheared affine (resampling then lands it on a regular grid).
@@ -155,6 +213,10 @@ def read_dicom_series(files: Sequence[str | Path], min_slices: int = 16,
         raise Reject("not_ct", f"{where}: Modality is {modality!r}, not 'CT'")
     if len(series) < min_slices:
         raise Reject("too_few_slices", f"{where}: {len(series)} slices < min_slices={min_slices}")
+    try:
+        check_size(where, (int(ds0.Rows), int(ds0.Columns), len(series)), max_voxels, max_bytes)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise Reject("bad_geometry", f"{where}: no usable Rows/Columns: {e}") from e
     try:
         iop = np.array([float(v) for v in ds0.ImageOrientationPatient], dtype=np.float64)
         row_dir, col_dir = iop[:3], iop[3:]
@@ -188,6 +250,8 @@ def read_dicom_series(files: Sequence[str | Path], min_slices: int = 16,
         try:
             ds = pydicom.dcmread(str(f))
             arr = ds.pixel_array.astype(np.float32)
+        except MemoryError as e:
+            raise Reject("too_large", f"{f}: out of memory while reading: {e}") from e
         except Exception as e:  # truncated pixel data, missing decoder, ...
             msg = f"{f}: {type(e).__name__}: {e}"
             low = msg.lower()
@@ -232,8 +296,8 @@ def read_volume(ref: str | Path | Sequence[str | Path], **kw) -> Volume:
     raise Reject("unreadable", f"{p}: not a NIfTI file (.nii/.nii.gz) or DICOM folder")
 
 
-_DICOM_KW = ("min_slices", "max_spacing_jitter_mm", "max_tilt_deg")
-_NIFTI_KW = ("rescale", "spacing_override", "min_slices")
+_DICOM_KW = ("min_slices", "max_spacing_jitter_mm", "max_tilt_deg", "max_voxels", "max_bytes")
+_NIFTI_KW = ("rescale", "spacing_override", "min_slices", "max_voxels", "max_bytes")
 
 
 def read_mask(path: str | Path, shape: Sequence[int]) -> np.ndarray:

@@ -119,12 +119,19 @@ def load_canonical(ref: str | Path | Sequence[str | Path], data: DataConfig, rea
     few slices, uneven spacing, gantry tilt, geometry); problems raise ``Reject(reason, detail)``.
     ``read_kw``: the importer's extra reader arguments (CT-RATE's rescale and spacing)."""
     vol = read_volume(ref, min_slices=data.min_slices, max_spacing_jitter_mm=data.max_spacing_jitter_mm,
-                      max_tilt_deg=data.max_gantry_tilt_deg, **(read_kw or {}))
+                      max_tilt_deg=data.max_gantry_tilt_deg, max_voxels=data.max_voxels,
+                      max_bytes=data.worker_memory_mb * 2**20 if data.worker_memory_mb else None, **(read_kw or {}))
     canon = CanonicalCT(data.spacing, data.size, data.orientation, data.hu_clip)
     m = read_mask(mask, vol.array.shape) if mask else None
     try:
         hu, affine = canon(vol.array, vol.affine)
         m = canon.mask(m, vol.affine) if m is not None else None
+    except MemoryError as e:
+        raise Reject("too_large", f"{ref}: out of memory while resampling (data.worker_memory_mb="
+                                  f"{data.worker_memory_mb}): {e}") from e
     except Exception as e:  # noqa: BLE001 - a MONAI failure on one study is that study's reject
+        if "can't allocate memory" in str(e) or "out of memory" in str(e).lower():
+            raise Reject("too_large", f"{ref}: out of memory while resampling (data.worker_memory_mb="
+                                      f"{data.worker_memory_mb}): {str(e)[:200]}") from e
         raise Reject("preprocess_error", f"{ref}: {type(e).__name__}: {e}") from e
     return Canonical(hu, affine, m, vol.meta)

@@ -7,8 +7,10 @@ documented in README.md ("Data layout") and in each function's docstring.
 from __future__ import annotations
 
 import ast
+import contextvars
 import csv
 import hashlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,12 +35,48 @@ class Study:
 Rejected = tuple[str, str, str]
 
 
+TEXT_FALLBACK: contextvars.ContextVar[str] = contextvars.ContextVar("text_fallback", default="cp1252")
+"""The codec for CSV fields that are not UTF-8 (``data.text_fallback_encoding``; ``discover`` sets it)."""
+ENCODING_KEY = "_text_encoding"
+"""Set on a row some field of which was decoded with the fallback; importers copy it to the study's meta."""
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV/TSV file. Fields that are not valid UTF-8 (Latin-1 exports are common) are
+    decoded with ``TEXT_FALLBACK`` and their row marked (``ENCODING_KEY``); a malformed file
+    raises ValueError naming it and the line."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: required file is missing")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        delim = "\t" if path.suffix == ".tsv" else ","
-        return list(csv.DictReader(f, delimiter=delim))
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    fallback = TEXT_FALLBACK.get()
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+    rows = []
+    try:
+        for row in reader:
+            bad = [k for k, v in row.items() if isinstance(v, str) and _escaped(v)]
+            if bad or any(_escaped(k) for k in row if isinstance(k, str)):
+                row = {_redecode(k, fallback): _redecode(v, fallback) if isinstance(v, str) else v
+                       for k, v in row.items()}
+                row[ENCODING_KEY] = f"{fallback} (fields not UTF-8: {', '.join(_redecode(k, fallback) for k in bad)})"
+            rows.append(row)
+    except csv.Error as e:
+        raise ValueError(f"{path}: line {reader.line_num + 1}: malformed CSV: {e}") from e  # the line being read
+    return rows
+
+
+def _escaped(v: str) -> bool:
+    return any("\udc80" <= c <= "\udcff" for c in v)
+
+
+def _redecode(v: str, fallback: str) -> str:
+    if not _escaped(v):
+        return v
+    return v.encode("utf-8", "surrogateescape").decode(fallback, errors="replace")
+
+
+def text_meta(row: dict) -> dict[str, str]:
+    """What a study's meta records of its row's text encoding (nothing when it was UTF-8)."""
+    return {"report_encoding": row[ENCODING_KEY]} if row.get(ENCODING_KEY) else {}
 
 
 def pick_column(rows: list[dict[str, str]], candidates: tuple[str, ...], path: Path, what: str) -> str:
@@ -121,7 +159,7 @@ def ctrate(root: Path) -> tuple[list[Study], list[Rejected]]:
             seg = root / "segmentations" / split / nii.parent.parent.name / nii.parent.name / name
             studies.append(Study(sid, patient, split, str(nii), text, labels.get(name),
                                  str(seg) if seg.is_file() else None, read_kw,
-                                 {"volume_name": name}, "ctrate"))
+                                 {"volume_name": name, **text_meta(rep)}, "ctrate"))
     if not found_any:
         raise FileNotFoundError(f"{root}: not a CT-RATE layout (no train/ or valid/ folder)")
     return studies, rejects
@@ -165,6 +203,7 @@ def inspect(root: Path) -> tuple[list[Study], list[Rejected]]:
     idc = pick_column(rows, ("impression_id",), imp_path, "impression_id")
     txc = pick_column(rows, ("impressions", "impression"), imp_path, "impressions")
     texts = {r[idc]: (r[txc] or "").strip() for r in rows}
+    encodings = {r[idc]: text_meta(r) for r in rows}
     splits = _tsv_map(root, "splits_*.tsv", ("split",))
     persons = _tsv_map(root, "study_mapping_*.tsv", ("person_id", "patient_id"))
     extra = _tsv_rows(root, "labels_*.tsv")
@@ -182,7 +221,7 @@ def inspect(root: Path) -> tuple[list[Study], list[Rejected]]:
         patient = persons.get(iid, iid)
         split = _norm_split(splits.get(iid) or _hash_split(patient))
         studies.append(Study(iid, patient, split, str(nii), f"Impression: {text}", None, None, {},
-                             {"inspect_labels": extra.get(iid, {})}, "inspect"))
+                             {"inspect_labels": extra.get(iid, {}), **encodings.get(iid, {})}, "inspect"))
     return studies, rejects
 
 
@@ -255,7 +294,7 @@ def bimcvr(root: Path) -> tuple[list[Study], list[Rejected]]:
             continue
         patient = r[sc] if sc else rel.split("/")[0]
         studies.append(Study(sid, patient, _hash_split(patient), str(nii), text, None, None, {},
-                             {"path": rel}, "bimcvr"))
+                             {"path": rel, **text_meta(r)}, "bimcvr"))
     listed = {root / r[pc].strip().lstrip("/") for r in rows}
     for nii in sorted(root.glob("CT*/ct/*.nii.gz")):
         if nii not in listed:
@@ -295,7 +334,7 @@ def folder(root: Path) -> tuple[list[Study], list[Rejected]]:
         split = _norm_split(r.get("split") or _hash_split(patient))
         mask = str(root / r["mask"]) if r.get("mask") else None
         studies.append(Study(sid, patient, split, str(img), text,
-                             labels_from_row(r, path) if has_labels else None, mask, {}, {}, "folder"))
+                             labels_from_row(r, path) if has_labels else None, mask, {}, text_meta(r), "folder"))
     return studies, rejects
 
 
@@ -303,7 +342,7 @@ IMPORTERS: dict[str, Callable[[Path], tuple[list[Study], list[Rejected]]]] = {
     "ctrate": ctrate, "inspect": inspect, "bimcvr": bimcvr, "folder": folder}
 
 
-def discover(source: str, root: str | Path, test_fraction_of_valid: float = 0.0):
+def discover(source: str, root: str | Path, test_fraction_of_valid: float = 0.0, text_fallback: str = "cp1252"):
     """Run an importer; then move a patient-hashed fraction of ``valid`` into ``test`` (so that
     zero-shot thresholds are chosen on valid and scored on test, never on the same studies)."""
     if source not in IMPORTERS:
@@ -311,7 +350,11 @@ def discover(source: str, root: str | Path, test_fraction_of_valid: float = 0.0)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--input {root}: not a folder")
-    studies, rejects = IMPORTERS[source](root)
+    token = TEXT_FALLBACK.set(text_fallback)
+    try:
+        studies, rejects = IMPORTERS[source](root)
+    finally:
+        TEXT_FALLBACK.reset(token)
     if test_fraction_of_valid > 0 and not any(s.split == "test" for s in studies):
         for s in studies:
             if s.split == "valid" and hash_fraction("test:" + s.patient_id) < test_fraction_of_valid:

@@ -41,3 +41,13 @@ def crash_once(ck: Path, task: str) -> None:
 class CrashingEvalThread(EvalThread):
     """``eval.watcher=tests.faults:CrashingEvalThread``: the default watcher with ``crash_once``."""
     before_task = staticmethod(crash_once)
+
+
+def encode_or_die(sd: dict, data):
+    """``data_service.ingest.encode_one``, except that a study whose id contains 'crash' kills its
+    worker process (as the kernel's OOM killer or a crashing reader would)."""
+    from data_service.ingest import encode_one
+
+    if "crash" in sd["id"]:
+        os._exit(9)
+    return encode_one(sd, data)
