@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = runs / run_name
     summary = json.loads((run_dir / "summary.json").read_text())
     ckpts = sorted(run_dir.glob("step_*"))
-    ledger = [json.loads(line) for line in (run_dir / "eval_ledger.jsonl").read_text().splitlines()]
+    from evaluators.actor import Ledger
+
+    ledger = Ledger(run_dir / "eval_ledger.jsonl").results()
     from mlflow.tracking import MlflowClient
 
     hist = MlflowClient(st["mlflow_uri"]).get_metric_history(summary["mlflow_run_id"], "loss/loss")

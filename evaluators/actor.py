@@ -33,16 +33,31 @@ class Ledger:
                 continue
         return out
 
-    def done(self) -> set[tuple[str, str]]:
-        return {(r["checkpoint"], r["task"]) for r in self.records()}
+    def results(self) -> list[dict[str, Any]]:
+        """One line per scored (checkpoint, task); 'logged' events are left out."""
+        return [r for r in self.records() if "event" not in r]
 
-    def record(self, checkpoint: str, task: str, step: int, metrics: dict[str, float],
-               error: str | None = None) -> None:
+    def done(self) -> set[tuple[str, str]]:
+        return {(r["checkpoint"], r["task"]) for r in self.results()}
+
+    def unlogged(self) -> list[dict[str, Any]]:
+        """Results that did not reach MLflow (it was down) and have not been sent since."""
+        sent = {(r["checkpoint"], r["task"]) for r in self.records() if r.get("event") == "logged"}
+        return [r for r in self.results() if r.get("logged") is False and (r["checkpoint"], r["task"]) not in sent]
+
+    def _append(self, rec: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({"checkpoint": checkpoint, "task": task, "step": step, "metrics": metrics,
-                                "error": error, "time": time.time()}) + "\n")
+            f.write(json.dumps({**rec, "time": time.time()}) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def record(self, checkpoint: str, task: str, step: int, metrics: dict[str, float],
+               error: str | None = None, mlflow_run_id: str | None = None, logged: bool | None = None) -> None:
+        self._append({"checkpoint": checkpoint, "task": task, "step": step, "metrics": metrics, "error": error,
+                      "mlflow_run_id": mlflow_run_id, "logged": logged})
+
+    def mark_logged(self, checkpoint: str, task: str) -> None:
+        self._append({"checkpoint": checkpoint, "task": task, "event": "logged"})
 
 
 def ready_checkpoints(run_dir: str | Path, every_n: int = 1) -> list[Path]:
@@ -64,8 +79,14 @@ def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: st
     from evaluators import scoring
     from evaluators.artifacts import log_result, write_artifacts
 
+    # fail fast when MLflow is down (its client otherwise retries for minutes); the ledger keeps it
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
     ledger = Ledger(Path(run_dir) / "eval_ledger.jsonl")
     done, new, run_id = ledger.done(), [], None
+    if mlflow_uri:
+        run_id = send_unlogged(run_dir, ledger, mlflow_uri)
 
     def failed(ck: Path, task: str, e: Exception) -> None:
         ledger.record(ck.name, task, -1, {}, error=f"{type(e).__name__}: {e}"[:500])
@@ -87,14 +108,38 @@ def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: st
                 failed(ck, task, e)
                 continue
             art = write_artifacts(r, ck / "eval")
+            logged = None
             if mlflow_uri and r["mlflow_run_id"]:
-                log_result(mlflow_uri, r, art)
-                run_id = r["mlflow_run_id"]
-            ledger.record(ck.name, task, int(r["step"]), r["metrics"])
+                try:
+                    log_result(mlflow_uri, r, art)
+                    logged, run_id = True, r["mlflow_run_id"]
+                except Exception as e:  # noqa: BLE001 - MLflow down: the ledger keeps it; sent when it is back
+                    logged = False
+                    print(f"[eval] MLflow unreachable ({type(e).__name__}); {ck.name} {task} kept for later", flush=True)
+            ledger.record(ck.name, task, int(r["step"]), r["metrics"], mlflow_run_id=r["mlflow_run_id"], logged=logged)
             new.append({"checkpoint": ck.name, "task": task, "step": r["step"]})
-    if new and mlflow_uri and run_id:
+    if (new or run_id) and mlflow_uri and run_id:
         publish_run_summary(run_dir, ledger, mlflow_uri, run_id, best_metric, registry_name)
     return new
+
+
+def send_unlogged(run_dir: str, ledger: Ledger, uri: str) -> str | None:
+    """Send the results MLflow missed while it was down (metrics at their steps, the checkpoint's
+    artifact folder); stops at the first failure (still down). Returns a run id that was reached."""
+    from evaluators.artifacts import log_result
+
+    run_id = None
+    for rec in ledger.unlogged():
+        art = Path(run_dir) / rec["checkpoint"] / "eval"
+        try:
+            log_result(uri, {"mlflow_run_id": rec["mlflow_run_id"], "step": rec["step"], "metrics": rec["metrics"]},
+                       art if art.is_dir() else None)
+        except Exception:  # noqa: BLE001 - still down: try again at the next poll
+            return run_id
+        ledger.mark_logged(rec["checkpoint"], rec["task"])
+        run_id = rec["mlflow_run_id"]
+        print(f"[eval] sent {rec['checkpoint']} {rec['task']} to MLflow (it was down when scored)", flush=True)
+    return run_id
 
 
 def publish_run_summary(run_dir: str, ledger: Ledger, uri: str, run_id: str, best_metric: str | None,
@@ -106,7 +151,7 @@ def publish_run_summary(run_dir: str, ledger: Ledger, uri: str, run_id: str, bes
     from evaluators.artifacts import plot_over_checkpoints, register_best
 
     try:
-        records = ledger.records()
+        records = ledger.results()
         png = plot_over_checkpoints(records, Path(run_dir) / "metrics_over_checkpoints.png")
         if png is not None:
             MlflowClient(uri).log_artifact(run_id, str(png), "eval")

@@ -90,7 +90,8 @@ def setup(args: LoopArgs, rank: int, world: int) -> Run:
     torch.manual_seed(cfg.train.seed)                      # identical init on every rank
     engine = eng.init_engine(build_model(cfg, len(tokenizer)), cfg)
     torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # then per rank: dropout differs across ranks
-    tracker = Tracker(args.mlflow_uri, args.mlflow_run_id) if rank == 0 else Tracker(None, None)
+    tracker = (Tracker(args.mlflow_uri, args.mlflow_run_id, Path(args.run_dir) / "mlflow_spool.jsonl") if rank == 0
+               else Tracker(None, None))
     state = {"step": 0, "micro": 0, "samples": 0, "corrupt": 0, "dropped": 0}
     run = Run(args, rank, world, engine, T3DLoss(cfg.tma), tracker,
               torch.bfloat16 if eng.use_bf16(cfg) else torch.float32, state)
@@ -225,4 +226,4 @@ def train_loop(config: dict[str, Any]) -> None:
             cb.on_step(run)
         if step >= cfg.train.steps:
             break
-    run.tracker.flush()
+    run.tracker.close()

@@ -1,61 +1,121 @@
-"""MLflow logging for the trainer's rank 0, which outlives a tracking server that goes away.
+"""MLflow logging for the trainer's rank 0 that never blocks training and outlives a tracking
+server that goes away.
 
-Metrics are queued and sent in batches; when the server does not answer, they stay queued (a
-warning is printed once per outage) and go out, with their original steps and timestamps, on
-the next successful send. The queue is bounded (``MAX_QUEUED``); what an outage longer than that
-pushes out is counted and logged as ``tracking/dropped_metrics`` when the server is back.
+``log`` only queues (with the original step and time); a background thread sends the queue in
+batches. When the server does not answer, the metrics stay queued (a warning is printed once per
+outage) and go out when it is back. ``close`` waits a bounded time for the queue to drain; what is
+still unsent then (the server is down at the end of the run) is spooled to a file in the run
+folder and sent by the next ``Tracker`` of that run (a resume). The queue is bounded
+(``MAX_QUEUED``): what an outage longer than that pushes out is counted and logged as
+``tracking/dropped_metrics`` once the server is back.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import threading
 import time
 from collections import deque
+from pathlib import Path
+
+# MLflow retries a failed request 7 times with exponential backoff (minutes): in the processes that
+# log through a Tracker, fail fast instead and let the queue retry.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 class Tracker:
     MAX_QUEUED = 200_000
+    RETRY_S = 2.0
 
-    def __init__(self, uri: str | None, run_id: str | None, client=None):
-        self.run_id = run_id
-        self.client = client
+    def __init__(self, uri: str | None, run_id: str | None, spool: str | Path | None = None, client=None):
+        self.run_id, self.client = run_id, client
         if self.client is None and uri and run_id:
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(uri)
+        self.spool = Path(spool) if spool else None
         self.queue: deque = deque()
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = False
         self.dropped = 0
         self.down_since: float | None = None
+        self.thread = None
+        if self.enabled:
+            self._load_spool()
+            self.thread = threading.Thread(target=self._run, daemon=True, name="t3d-mlflow")
+            self.thread.start()
 
     @property
     def enabled(self) -> bool:
         return self.client is not None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """Queue the finite metrics at ``step``; returns at once."""
         if not self.enabled:
             return
-        from mlflow.entities import Metric
-
         ts = int(time.time() * 1000)
-        for k, v in metrics.items():
-            if v is not None and math.isfinite(float(v)):
-                if len(self.queue) >= self.MAX_QUEUED:
-                    self.queue.popleft()
-                    self.dropped += 1
-                self.queue.append(Metric(k, float(v), ts, int(step)))
-        self.flush()
+        with self.lock:
+            for k, v in metrics.items():
+                if v is not None and math.isfinite(float(v)):
+                    if len(self.queue) >= self.MAX_QUEUED:
+                        self.queue.popleft()
+                        self.dropped += 1
+                    self.queue.append((k, float(v), ts, int(step)))
+        self.wake.set()
 
-    def flush(self) -> bool:
-        """Send what is queued; False (and everything kept) when the server does not answer."""
+    def pending(self) -> int:
+        with self.lock:
+            return len(self.queue)
+
+    def close(self, timeout: float = 30.0) -> int:
+        """Stop the sender after at most ``timeout`` s of trying; spool what is left. Returns its count."""
         if not self.enabled:
-            return True
+            return 0
+        deadline = time.time() + timeout
+        while self.pending() and time.time() < deadline:
+            self.wake.set()
+            time.sleep(0.1)
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=max(1.0, deadline - time.time()))
+        left = self.pending()
+        if left and self.spool is not None:
+            with self.lock, open(self.spool, "a") as f:
+                for m in self.queue:
+                    f.write(json.dumps(m) + "\n")
+            print(f"[t3d] MLflow still unreachable: {left} metrics spooled to {self.spool}; "
+                  "a resumed run sends them", flush=True)
+        return left
+
+    # -------------------------------------------------------------------------------- sender
+    def _load_spool(self) -> None:
+        if self.spool is not None and self.spool.is_file():
+            rows = [tuple(json.loads(x)) for x in self.spool.read_text().splitlines() if x.strip()]
+            self.queue.extend(rows)
+            self.spool.unlink()
+
+    def _run(self) -> None:
+        while not self.stopping:
+            self.wake.wait(self.RETRY_S)
+            self.wake.clear()
+            self._send()
+
+    def _send(self) -> bool:
         from mlflow.entities import Metric
 
         try:
-            while self.queue:
-                chunk = [self.queue[i] for i in range(min(1000, len(self.queue)))]
-                self.client.log_batch(self.run_id, metrics=chunk)
-                for _ in chunk:
-                    self.queue.popleft()
+            while True:
+                with self.lock:
+                    chunk = [self.queue[i] for i in range(min(1000, len(self.queue)))]
+                if not chunk:
+                    break
+                self.client.log_batch(self.run_id, metrics=[Metric(*m) for m in chunk])
+                with self.lock:
+                    for _ in chunk:
+                        self.queue.popleft()
             if self.dropped:
                 self.client.log_batch(self.run_id, metrics=[Metric("tracking/dropped_metrics", float(self.dropped),
                                                                    int(time.time() * 1000), 0)])
