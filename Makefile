@@ -5,9 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DEMO ?= demo
+SEED ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo demo-clean up down status bench clean
+.PHONY: install test test-fast demo demo-clean science sweep-demo up down status bench clean
 
 install: $(STAMP)
 
@@ -29,6 +30,14 @@ test-fast: install
 
 demo: install
 	$(BIN)/python -m cluster.demo --dir $(DEMO)
+
+# does pretraining learn? CLIP-only vs CLIP+TMA on phantoms, one seed (make science SEED=1 for another)
+science: install
+	$(BIN)/python -m cluster.science --seed $(SEED)
+
+# a 4-trial Ray Tune sweep over TMA settings on phantoms (ASHA, 2 trials at a time)
+sweep-demo: install
+	$(BIN)/python -m cluster.sweep_demo
 
 up: install
 	$(BIN)/python -m cluster.local up

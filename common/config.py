@@ -31,6 +31,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("ray", "trainer.config:RayConfig"),
     ("eval", "evaluators.config:EvalConfig"),
     ("tracking", "trainer.config:TrackingConfig"),
+    ("sweep", "trainer.config:SweepConfig"),
 )
 
 
@@ -186,13 +187,26 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def parse_override(item: str) -> dict[str, Any]:
-    """``a.b.c=value`` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML."""
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b.c=value`` -> ("a.b.c", value); the value is parsed as YAML."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    return nested(key.strip(), value)
+    return key.strip(), (yaml.safe_load(raw) if raw.strip() else "")
+
+
+def set_path(data: dict, dotted: str, value: Any) -> dict:
+    """A copy of ``data`` with the value at ``dotted`` replaced (a mapping value replaces the whole
+    subtree: ``--set sweep.space={...}`` sets the space, it does not add to it)."""
+    parts = dotted.split(".")
+    out = dict(data)
+    cur = out
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        cur[p] = dict(nxt) if isinstance(nxt, dict) else {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+    return out
 
 
 def nested(dotted: str, value: Any) -> dict[str, Any]:
@@ -224,7 +238,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if extra:
         data = merge(data, extra)
     for item in overrides or []:
-        data = merge(data, parse_override(item))
+        data = set_path(data, *parse_override(item))
     return config_from_dict(data)
 
 

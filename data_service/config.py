@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.config import ConfigError, check_len, check_range
+from common.config import ConfigError, check_choice, check_len, check_range
 
 
 @dataclass
@@ -40,6 +40,7 @@ class DataConfig:
     max_spacing_jitter_mm: float = 0.05         # DICOM: slice gaps differing more -> rejected
     max_gantry_tilt_deg: float = 30.0           # DICOM: larger tilt -> rejected, smaller -> corrected
     shard_size: int = 32                        # studies per shard
+    codec: str = "blosc2-lz4"                   # CT/mask codec in the shards (benchmarks/codec.py chose it)
     test_fraction_of_valid: float = 0.5         # patients moved from valid to a test split (0 = none)
     workers: int = 0                            # ingest processes (0 = all cores)
     max_voxels: int = 2**30                     # header claims more -> rejected unread (too_large)
@@ -72,6 +73,7 @@ class DataConfig:
         check_range("data.min_slices", self.min_slices, 1)
         check_range("data.shard_size", self.shard_size, 1)
         check_range("data.max_voxels", self.max_voxels, 1)
+        check_choice("data.codec", self.codec, ("npz", "zstd", "zstd-shuffle", "blosc2-lz4", "blosc2-zstd"))
         check_range("data.worker_memory_mb", self.worker_memory_mb, 0)
         try:
             "".encode(self.text_fallback_encoding)

@@ -47,7 +47,7 @@ def process_study(study: Study, data: DataConfig) -> dict[str, Any]:
             "orientation": data.orientation, "affine": np.round(c.affine, 5).tolist(),
             "has_mask": c.mask is not None, "geometry": c.geometry, "study": study.meta,
             "read": {k: list(v) if isinstance(v, tuple) else v for k, v in study.read_kw.items()}}
-    return sh.encode_sample(study.id, c.hu, study.report, meta, c.mask)
+    return sh.encode_sample(study.id, c.hu, study.report, meta, c.mask, data.codec)
 
 
 def _reject(study: Study, reason: str, detail: str) -> dict[str, Any]:
@@ -218,7 +218,7 @@ def run(source: str, input_dir: str, out_dir: str, data: DataConfig, engine: str
     for s in sides:
         by_split[s["split"]] += s["n"]
     manifest = {
-        "schema_version": sh.SCHEMA_VERSION, "source": source, "input": str(Path(input_dir).resolve()),
+        "schema_version": sh.SCHEMA_VERSION, "codec": data.codec, "source": source, "input": str(Path(input_dir).resolve()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "counts": {"in": n_in, "written": written, "rejected": len(rejects),
                    "rejected_by_reason": dict(Counter(r["reason"] for r in rejects)),

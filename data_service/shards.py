@@ -1,11 +1,13 @@
 """THE sample schema of our webdataset shards: one writer, one decoder, used everywhere.
 
-A sample is a group of tar members sharing a key:
-    {key}.ct.npz       int16 HU on the canonical grid, np.savez_compressed(hu=...)
-    {key}.mask.npz     optional uint8 organ labels on the same grid (segmentation)
+A sample is a group of tar members sharing a key (schema 2):
+    {key}.ct.bin       int16 HU on the canonical grid (meta "size"), compressed with meta "codec"
+    {key}.mask.bin     optional uint8 organ labels on the same grid (segmentation), same codec
     {key}.report.txt   UTF-8 report text
     {key}.meta.json    id, patient_id, split, source, labels (18 CT-RATE names -> 0/1, or null),
-                       affine, spacing, size, source geometry, ingest details
+                       affine, spacing, size, codec, source geometry, ingest details
+Schema 1 shards (``ct.npz`` / ``mask.npz``, np.savez_compressed) still read. The codec is chosen by
+measurement (``benchmarks/codec.py``, ``data.codec``); ``manifest.json`` names it.
 Shards are ``{split}-{index:06d}.tar`` in one folder with ``manifest.json`` and ``rejects.jsonl``.
 """
 from __future__ import annotations
@@ -19,8 +21,75 @@ from typing import Any, Iterator
 
 import numpy as np
 
-SCHEMA_VERSION = 1
-MEMBERS = ("ct.npz", "report.txt", "meta.json")
+SCHEMA_VERSION = 2
+MEMBERS = ("report.txt", "meta.json")
+CODECS = ("npz", "zstd", "zstd-shuffle", "blosc2-lz4", "blosc2-zstd")
+"""Array codecs: ``npz`` (zlib, schema 1's), ``zstd`` (level 3), ``zstd-shuffle`` (bytes of each
+int16 split into two planes first), ``blosc2-lz4`` / ``blosc2-zstd`` (blosc2 with its shuffle filter)."""
+
+
+def encode_array(a: np.ndarray, codec: str) -> bytes:
+    if codec == "npz":
+        buf = io.BytesIO()
+        np.savez_compressed(buf, a=a)
+        return buf.getvalue()
+    if codec in ("zstd", "zstd-shuffle"):
+        import zstandard
+
+        data = a.tobytes() if codec == "zstd" else _shuffle(a)
+        return zstandard.ZstdCompressor(level=3).compress(data)
+    if codec in ("blosc2-lz4", "blosc2-zstd"):
+        import blosc2
+
+        c = blosc2.Codec.LZ4 if codec == "blosc2-lz4" else blosc2.Codec.ZSTD
+        return blosc2.compress2(np.ascontiguousarray(a), codec=c, clevel=5 if codec == "blosc2-lz4" else 3,
+                                filters=[blosc2.Filter.SHUFFLE], typesize=a.dtype.itemsize)
+    raise ValueError(f"codec {codec!r} is not one of {list(CODECS)}")
+
+
+def decode_array(data: bytes, codec: str, shape, dtype) -> np.ndarray:
+    """Bytes -> an array of ``shape`` / ``dtype``; raises ValueError when they do not fit."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    if codec == "npz":
+        with np.load(io.BytesIO(bytes(data))) as z:
+            out = z[z.files[0]]
+    elif codec in ("zstd", "zstd-shuffle"):
+        import zstandard
+
+        size = zstandard.frame_content_size(bytes(data))
+        if size not in (-1, n):                      # a frame claiming another size is not read
+            raise ValueError(f"zstd frame holds {size} bytes, {n} expected")
+        raw = zstandard.ZstdDecompressor().decompress(bytes(data), max_output_size=n)
+        if len(raw) != n:
+            raise ValueError(f"{len(raw)} bytes decoded, {n} expected")
+        out = np.frombuffer(raw, dtype) if codec == "zstd" else _unshuffle(raw, dtype)
+    elif codec in ("blosc2-lz4", "blosc2-zstd"):
+        import blosc2
+
+        size = blosc2.get_cbuffer_sizes(bytes(data))[0]
+        if size != n:                                # a header claiming another size is not read
+            raise ValueError(f"blosc2 chunk holds {size} bytes, {n} expected")
+        raw = blosc2.decompress2(bytes(data))
+        if len(raw) != n:
+            raise ValueError(f"{len(raw)} bytes decoded, {n} expected")
+        out = np.frombuffer(raw, dtype)
+    else:
+        raise ValueError(f"codec {codec!r} is not one of {list(CODECS)}")
+    return out.reshape(tuple(shape)) if out.size == int(np.prod(shape)) else _shape_error(out, shape)
+
+
+def _shape_error(out, shape):
+    raise ValueError(f"decoded shape {out.shape} does not fit {tuple(shape)}")
+
+
+def _shuffle(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a.view(np.uint8).reshape(-1, a.dtype.itemsize).T).tobytes()
+
+
+def _unshuffle(raw: bytes, dtype: np.dtype) -> np.ndarray:
+    b = np.frombuffer(raw, np.uint8).reshape(dtype.itemsize, -1)
+    return np.ascontiguousarray(b.T).view(dtype).ravel()
 
 
 class CorruptSample(ValueError):
@@ -33,18 +102,15 @@ def safe_key(study_id: str) -> str:
 
 
 def encode_sample(study_id: str, hu: np.ndarray, report: str, meta: dict[str, Any],
-                  mask: np.ndarray | None = None) -> dict[str, Any]:
+                  mask: np.ndarray | None = None, codec: str = "npz") -> dict[str, Any]:
     if hu.dtype != np.int16 or hu.ndim != 3:
         raise ValueError(f"{study_id}: ct must be a 3D int16 array, got {hu.dtype} {hu.shape}")
-    buf = io.BytesIO()
-    np.savez_compressed(buf, hu=hu)
-    sample = {"__key__": safe_key(study_id), "ct.npz": buf.getvalue(),
+    meta = {**meta, "codec": codec, "size": list(hu.shape)}
+    sample = {"__key__": safe_key(study_id), "ct.bin": encode_array(hu, codec),
               "report.txt": report.encode("utf-8"),
               "meta.json": json.dumps(meta, sort_keys=True).encode("utf-8")}
     if mask is not None:
-        mbuf = io.BytesIO()
-        np.savez_compressed(mbuf, mask=mask.astype(np.uint8))
-        sample["mask.npz"] = mbuf.getvalue()
+        sample["mask.bin"] = encode_array(mask.astype(np.uint8), codec)
     return sample
 
 
@@ -62,19 +128,29 @@ def decode_sample(raw: dict[str, Any], decode_ct: bool = True) -> dict[str, Any]
         raise CorruptSample(f"sample {key!r}: meta/report not decodable: {e}") from e
     out = {"key": key, "meta": meta, "report": report}
     if decode_ct:
-        out["ct"] = _load_npz(raw["ct.npz"], "hu", key, "ct.npz")
-        if tuple(out["ct"].shape) != tuple(meta.get("size", out["ct"].shape)):
-            raise CorruptSample(f"sample {key!r}: ct shape {out['ct'].shape} != meta size {meta.get('size')}")
-        if raw.get("mask.npz") is not None:
-            out["mask"] = _load_npz(raw["mask.npz"], "mask", key, "mask.npz")
+        v1 = raw.get("ct.bin") is None                       # schema 1: npz members
+        ct_member, mask_member = ("ct.npz", "mask.npz") if v1 else ("ct.bin", "mask.bin")
+        codec = "npz" if v1 else meta.get("codec")
+        if raw.get(ct_member) is None:
+            raise CorruptSample(f"sample {key!r}: member 'ct.bin' (or schema 1's 'ct.npz') is missing")
+        if "size" not in meta and not v1:
+            raise CorruptSample(f"sample {key!r}: meta.json has no 'size'")
+        size = meta.get("size")
+        out["ct"] = _decode(raw[ct_member], codec, size, np.int16, key, ct_member)
+        if size is not None and tuple(out["ct"].shape) != tuple(size):
+            raise CorruptSample(f"sample {key!r}: ct shape {out['ct'].shape} != meta size {size}")
+        if raw.get(mask_member) is not None:
+            out["mask"] = _decode(raw[mask_member], codec, size, np.uint8, key, mask_member)
     return out
 
 
-def _load_npz(data: Any, name: str, key: str, member: str) -> np.ndarray:
+def _decode(data: Any, codec: str | None, shape, dtype, key: str, member: str) -> np.ndarray:
     try:
-        with np.load(io.BytesIO(bytes(data))) as z:
-            return z[name]
-    except Exception as e:
+        if codec == "npz" and shape is None:
+            with np.load(io.BytesIO(bytes(data))) as z:
+                return z[z.files[0]]
+        return decode_array(data, codec, shape, dtype)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this sample's corruption
         raise CorruptSample(f"sample {key!r}: member '{member}' is corrupt: {type(e).__name__}: {e}") from e
 
 
@@ -105,7 +181,9 @@ def iter_raw(path: str | Path) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard, in file order (webdataset's tar grouping)."""
     import webdataset as wds
 
-    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
+    # one shard, read whole by this process: no node or worker splitting (it would refuse to run
+    # inside an initialized torch.distributed group, as in a training worker)
+    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
     for s in ds:
         yield {k: v for k, v in s.items() if k != "__url__"}
 

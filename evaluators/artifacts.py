@@ -148,31 +148,18 @@ def register_best(uri: str, run_id: str, run_dir: str | Path, records: list[dict
                   name: str) -> dict[str, Any] | None:
     """Register the best checkpoint on ``metric`` as a new version of model ``name`` (alias ``best``)
     unless the alias already points at that step. Returns what was registered, or None."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from trainer.tracking import register_checkpoint
 
     best = best_checkpoint(records, metric)
     if best is None:
         return None
     ck, step, value = best
-    client = MlflowClient(uri)
-    try:
-        client.create_registered_model(name, description=f"T3D checkpoints, best on {metric}")
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    try:
-        cur = client.get_model_version_by_alias(name, "best")
-        if cur.tags.get("step") == str(step) and cur.run_id == run_id:
-            return None
-    except MlflowException:
-        pass                                  # no alias yet
     export = Path(run_dir) / ck / "export"
     if not export.is_dir():
         return None                           # rotated away before it could be uploaded
-    client.log_artifacts(run_id, str(export), f"checkpoints/{ck}")
-    mv = client.create_model_version(name, f"runs:/{run_id}/checkpoints/{ck}", run_id=run_id,
-                                     tags={"step": str(step), "metric": metric, "value": f"{value:.6g}",
-                                           "checkpoint": ck})
-    client.set_registered_model_alias(name, "best", mv.version)
-    return {"name": name, "version": mv.version, "checkpoint": ck, "step": step, metric: value}
+    version = register_checkpoint(uri, run_id, export, name, {"step": str(step), "metric": metric,
+                                                               "value": f"{value:.6g}", "checkpoint": ck},
+                                  f"checkpoints/{ck}")
+    if version is None:
+        return None
+    return {"name": name, "version": version, "checkpoint": ck, "step": step, metric: value}

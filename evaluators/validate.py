@@ -27,3 +27,6 @@ def sweep_scores(checkpoint: str | Path, shards: str, split: str = "valid") -> d
         aucs = linear_probe_auc(train[key].numpy(), train["labels"], val[key].numpy(), val["labels"])
         out[f"{split}/{name}/mean_auc"] = float(np.mean(list(aucs.values()))) if aucs else float("nan")
     return out
+
+
+sweep_scores.metric_names = tuple(f"valid/{k}" for k in ("zeroshot/mean_auc", "probe/mean_auc", "probe/report/mean_auc"))

@@ -37,3 +37,16 @@ def phantom(tmp_path_factory, debug_cfg):
     synth.generate(root / "raw", n=10, seed=3, valid_fraction=0.4)
     ingest.run("ctrate", str(root / "raw"), str(root / "shards"), debug_cfg.data, workers=2, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def phantom24(tmp_path_factory, debug_cfg):
+    """24 phantoms: enough valid and test studies for zero-shot thresholds and AUCs."""
+    from data_service import ingest, synth
+    from data_service.shards import iter_split
+
+    root = tmp_path_factory.mktemp("phantom24")
+    synth.generate(root / "raw", n=24, seed=5, valid_fraction=0.5)
+    ingest.run("ctrate", str(root / "raw"), str(root / "shards"), debug_cfg.data, workers=2, progress=False)
+    texts = [s["report"] for s in iter_split(root / "shards", "train", decode_ct=False)]
+    return root / "shards", texts

@@ -7,8 +7,8 @@ checkpoints, so an export rebuilds exactly its model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from common.config import ConfigError, check_choice, check_range
 
@@ -108,6 +108,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     grad_clip: float = 1.0
     precision: str = "auto"                     # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16"
+    augment_kernel: str = "auto"                # device-side augmentation: "auto" | "torch" | "triton"
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -119,6 +120,7 @@ class TrainConfig:
 
     def validate(self, root=None) -> "TrainConfig":
         check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        check_choice("train.augment_kernel", self.augment_kernel, ("auto", "torch", "triton"))
         for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "keep_checkpoints"):
             check_range(f"train.{k}", getattr(self, k), 1)
         check_range("train.warmup_steps", self.warmup_steps, 0)
@@ -156,3 +158,74 @@ class RayConfig:
 class TrackingConfig:
     mlflow_uri: Optional[str] = None            # None: MLFLOW_TRACKING_URI or no tracking
     experiment: str = "t3d"
+    parent_run_id: Optional[str] = None         # nests the run under this MLflow run (a sweep's trials)
+
+
+SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class SweepConfig:
+    """A Ray Tune sweep over config keys (``python -m trainer.sweep``). ``space`` maps a dotted key
+    to one distribution: ``{choice: [..]}``, ``{grid: [..]}``, ``{uniform: [lo, hi]}``,
+    ``{loguniform: [lo, hi]}`` or ``{randint: [lo, hi]}`` (hi exclusive)."""
+    name: str = "sweep"
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    search: str = "random"                      # "random" (grid keys expand) | "optuna" (TPE; no grid)
+    scheduler: str = "asha"                     # "asha" | "none"
+    metric: str = "valid/zeroshot/mean_auc"     # reported at every checkpoint; ASHA and the best trial use it
+    mode: str = "max"
+    num_samples: int = 4
+    max_concurrent_trials: int = 2
+    grace_checkpoints: int = 1                  # ASHA stops no trial before this many checkpoints
+    reduction_factor: int = 2
+    max_failures: int = 1                       # a failed trial is retried this many times
+    driver_cpus: float = 0.1                    # the trial's own Tune actor (its workers ask ray.*)
+    scorer: str = "evaluators.validate:sweep_scores"   # module:function(export dir, shards) -> metrics
+    seed: int = 0                               # the search's random state
+
+    def validate(self, root=None) -> "SweepConfig":
+        check_choice("sweep.search", self.search, ("random", "optuna"))
+        check_choice("sweep.scheduler", self.scheduler, ("asha", "none"))
+        check_choice("sweep.mode", self.mode, ("max", "min"))
+        for k in ("num_samples", "max_concurrent_trials", "grace_checkpoints", "reduction_factor"):
+            check_range(f"sweep.{k}", getattr(self, k), 1)
+        check_range("sweep.max_failures", self.max_failures, 0)
+        if self.driver_cpus <= 0:
+            raise ConfigError(f"sweep.driver_cpus: must be > 0 (Ray rejects a zero request), got {self.driver_cpus}")
+        for key, spec in self.space.items():
+            check_space(key, spec, root, grid_ok=self.search == "random")
+        return self
+
+
+def check_space(key: str, spec: dict[str, Any], root, grid_ok: bool = True) -> None:
+    """One search-space entry: a known config key, one known distribution, a non-empty range."""
+    where = f"sweep.space['{key}']"
+    if key.startswith("sweep."):
+        raise ConfigError(f"{where}: the sweep section itself cannot be swept")
+    if root is not None:
+        node = root
+        for part in key.split("."):
+            if not hasattr(node, part) or isinstance(getattr(node, part), dict):
+                raise ConfigError(f"{where}: unknown config key '{key}'")
+            node = getattr(node, part)
+        if hasattr(node, "__dataclass_fields__"):
+            raise ConfigError(f"{where}: '{key}' is a section; sweep one of its keys")
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{where}: expected one of {list(SPACE_KINDS)} with its values, got {spec!r}")
+    (kind, values), = spec.items()
+    check_choice(f"{where} kind", kind, SPACE_KINDS)
+    if kind == "grid" and not grid_ok:
+        raise ConfigError(f"{where}: grid is not supported with sweep.search=optuna; use choice")
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}: {kind} needs a non-empty list, got {values!r}")
+    if kind in ("uniform", "loguniform", "randint"):
+        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f"{where}: {kind} needs [low, high] numbers, got {values!r}")
+        lo, hi = values
+        if not lo < hi:
+            raise ConfigError(f"{where}: empty range [{lo}, {hi}]")
+        if kind == "loguniform" and lo <= 0:
+            raise ConfigError(f"{where}: loguniform needs low > 0, got {lo}")
+        if kind == "randint" and not (isinstance(lo, int) and isinstance(hi, int)):
+            raise ConfigError(f"{where}: randint needs integer bounds, got {values!r}")

@@ -54,6 +54,7 @@ class LoopArgs:
     mlflow_run_id: str | None = None
     log_samples: bool = False
     callbacks: list[LoopCallback] = field(default_factory=list)
+    validator: str | None = None         # "module:function(export dir, shards) -> metrics", run by rank 0
 
 
 @dataclass
@@ -195,8 +196,24 @@ def checkpoint(run: Run) -> None:
         eng.export(run.engine, Path(d) / "export", run.cfg, run.rank,
                    {"step": step, "tokenizer_dir": args.tokenizer_dir, "mlflow_run_id": args.mlflow_run_id,
                     "loss": run.logs.get("loss")})
-        ray.train.report({"step": step, **run.logs}, checkpoint=Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"step_{step:07d}")
+        metrics = {"step": step, **run.logs}
+        if args.validator and run.rank == 0:
+            metrics.update(validate(args.validator, Path(d) / "export", run.cfg.data.shards))
+            run.tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step_{step:07d}")
+
+
+def validate(validator: str, export: Path, shards: str) -> dict[str, float]:
+    """Scores of the checkpoint just exported (a sweep's validation); NaN for each when scoring
+    fails, so that a report always carries them (Tune requires its metric in every result)."""
+    from common.config import load_object
+
+    fn = load_object(validator, "sweep.scorer")
+    try:
+        return {k: float(v) for k, v in fn(export, shards).items()}
+    except Exception as e:  # noqa: BLE001 - a failed validation must not kill the trial
+        print(f"[t3d] validation of {export} failed: {type(e).__name__}: {e}", flush=True)
+        return {k: float("nan") for k in getattr(fn, "metric_names", ())}
 
 
 # --------------------------------------------------------------------------------------- the loop
@@ -212,7 +229,7 @@ def train_loop(config: dict[str, Any]) -> None:
     run.clock = (time.time(), state["samples"])
     for micro, batch in batches(run):
         if batch is not None:
-            run.logs = train_step(run.engine, run.loss_fn, batch, cfg.data, run.dtype, cfg.tma.kernel)
+            run.logs = train_step(run.engine, run.loss_fn, batch, cfg.data, run.dtype, cfg.train.augment_kernel)
             state["samples"] += len(batch) * run.world
         state["micro"] = micro + 1
         if state["micro"] % cfg.train.grad_accum:

@@ -66,7 +66,10 @@ def mlflow_run(cfg: Config, run_dir: Path) -> tuple[str | None, str | None]:
         return uri, id_file.read_text().strip()
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
-    run = client.create_run(exp_id, run_name=cfg.train.run_name, tags={"run_dir": str(run_dir)})
+    tags = {"run_dir": str(run_dir)}
+    if cfg.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id          # nested under a sweep
+    run = client.create_run(exp_id, run_name=cfg.train.run_name, tags=tags)
     flat = _flatten(cfg.to_dict())
     for i in range(0, len(flat), 100):
         from mlflow.entities import Param
@@ -101,10 +104,12 @@ def init_ray(cfg: Config) -> None:
     ray.init(num_cpus=n, include_dashboard=False, object_store_memory=cfg.data.object_store_mb * 2**20)
 
 
-def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, run_callbacks: list | None = None):
+def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, run_callbacks: list | None = None,
+        validator: str | None = None):
     """Train ``cfg`` on the Ray cluster. ``callbacks``: ``trainer.loop.LoopCallback`` objects every
     worker runs (tests inject faults this way); ``run_callbacks``: Ray Train driver-side callbacks
-    (e.g. the sweep's reporting to Tune). Returns (result, run folder, MLflow uri, run id)."""
+    (the sweep's reporting to Tune); ``validator``: scores each checkpoint (``sweep.scorer``).
+    Returns (result, run folder, MLflow uri, run id)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -117,7 +122,7 @@ def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, r
     tok_dir = prepare_tokenizer(cfg, run_dir)
     uri, run_id = mlflow_run(cfg, run_dir)
     init_ray(cfg)
-    args = LoopArgs(cfg, tok_dir, str(run_dir), uri, run_id, log_samples, list(callbacks or []))
+    args = LoopArgs(cfg, tok_dir, str(run_dir), uri, run_id, log_samples, list(callbacks or []), validator)
     trainer = TorchTrainer(
         train_loop, train_loop_config={"args": args},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,

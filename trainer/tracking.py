@@ -130,3 +130,29 @@ class Tracker:
             print(f"[t3d] MLflow is back after {time.time() - self.down_since:.0f} s; queued metrics sent", flush=True)
             self.down_since = None
         return True
+
+
+def register_checkpoint(uri: str, run_id: str, export: str | Path, name: str, tags: dict[str, str],
+                        artifact_path: str, alias: str = "best") -> str | None:
+    """Upload an export folder to ``run_id`` (``artifact_path``) and register it as a new version of
+    model ``name`` with ``alias``, unless the alias already points at a version with the same
+    ``tags['step']`` of the same run. Returns the new version, or None."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        client.create_registered_model(name, description=f"T3D checkpoints ({alias}: {tags.get('metric', '')})")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    try:
+        cur = client.get_model_version_by_alias(name, alias)
+        if cur.tags.get("step") == tags.get("step") and cur.run_id == run_id:
+            return None
+    except MlflowException:
+        pass                                  # no alias yet
+    client.log_artifacts(run_id, str(export), artifact_path)
+    mv = client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags)
+    client.set_registered_model_alias(name, alias, mv.version)
+    return mv.version

@@ -24,11 +24,11 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def iter_batches(shards: str, split: str, batch: int = 8, masks: bool = False) -> Iterator[list[dict[str, Any]]]:
     """Decoded samples of ``split`` in lists of ``batch``. With ``masks``, a sample without
-    ``mask.npz`` raises ValueError naming it; an empty split raises (from ``split_shards``)."""
+    a mask raises ValueError naming it; an empty split raises (from ``split_shards``)."""
     chunk: list[dict[str, Any]] = []
     for s in iter_split(shards, split):
         if masks and s.get("mask") is None:
-            raise ValueError(f"{shards}: sample {s['key']!r} in split {split!r} has no mask.npz; segmentation "
+            raise ValueError(f"{shards}: sample {s['key']!r} in split {split!r} has no mask member; segmentation "
                              "needs organ masks on every train/test study (ingest with masks)")
         chunk.append(s)
         if len(chunk) == batch:

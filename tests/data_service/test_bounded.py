@@ -56,8 +56,8 @@ def test_header_bombs_are_rejected_unread(tmp_path):
 def test_worker_memory_cap_fails_the_study_not_the_run(tmp_path, debug_cfg):
     """What slips past the header check (here the byte estimate is off: worker_memory_mb=0) meets
     the worker's RLIMIT_DATA: that study is rejected too_large, in its own worker."""
-    from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     from data_service.sources import Study
 

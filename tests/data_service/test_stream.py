@@ -71,14 +71,14 @@ def test_decode_actor_flags_corrupt_sample(phantom, debug_cfg, tmp_path):
     build_tokenizer(["no pleural effusion", "cardiomegaly is present"], 200, tok_dir)
     actor = DecodeCrop(debug_cfg.data, str(tok_dir), seed=0)
     members = [dict(index[k]["members"]) for k in keys]
-    off, size = members[1]["ct.npz"]
-    members[1]["ct.npz"] = [off, size // 2]                   # a truncated member inside the shard
+    off, size = members[1]["ct.bin"]
+    members[1]["ct.bin"] = [off, size // 2]                   # a truncated member inside the shard
     batch = {"key": np.array(keys), "micro": np.array([0, 0, 0]),
              "shard": np.array([index[k]["shard"] for k in keys]),
              "members": np.array([json.dumps(m) for m in members])}
     out = actor(batch)
     assert out["ok"].tolist() == [1, 0, 1]
-    assert keys[1] in out["error"][1] and "ct.npz" in out["error"][1]
+    assert keys[1] in out["error"][1] and "ct.bin" in out["error"][1]
     assert out["views"].shape == (3, debug_cfg.data.views.n, 1, *debug_cfg.data.views.size)
     assert out["image"].dtype == np.int16 and out["params"].shape == (3, 1 + debug_cfg.data.views.n, N_PARAMS)
     good = [s for s in iter_split(phantom / "shards", "train") if s["key"] == keys[0]][0]

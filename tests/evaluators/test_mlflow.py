@@ -29,19 +29,6 @@ def mlflow_uri(tmp_path_factory):
         proc.wait(30)
 
 
-@pytest.fixture(scope="module")
-def phantom24(tmp_path_factory, debug_cfg):
-    """24 phantoms: enough valid and test studies for zero-shot thresholds and AUCs."""
-    from data_service import ingest, synth
-    from data_service.shards import iter_split
-
-    root = tmp_path_factory.mktemp("phantom24")
-    synth.generate(root / "raw", n=24, seed=5, valid_fraction=0.5)
-    ingest.run("ctrate", str(root / "raw"), str(root / "shards"), debug_cfg.data, workers=2, progress=False)
-    texts = [s["report"] for s in iter_split(root / "shards", "train", decode_ct=False)]
-    return root / "shards", texts
-
-
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR (pycocoevalcap) needs a Java runtime")
 def test_score_cli_all_tasks(phantom24, tmp_path, capsys):
     from evaluators import score

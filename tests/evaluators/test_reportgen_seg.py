@@ -152,7 +152,7 @@ def test_segmentation_needs_masks(realdata, tmp_path):
     shards = tmp_path / "shards"
     ingest.run("folder", str(_totalseg_folder(realdata, tmp_path, with_mask_on_test=False)), str(shards),
                cfg.data, workers=1, progress=False)
-    with pytest.raises(ValueError, match=r"sample 'b' in split 'test' has no mask.npz"):
+    with pytest.raises(ValueError, match=r"sample 'b' in split 'test' has no mask member"):
         load_volumes(str(shards), "test", masks=True)
     with pytest.raises(ValueError, match=r"split 'valid' has no samples"):
         load_volumes(str(shards), "valid")

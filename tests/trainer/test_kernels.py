@@ -64,3 +64,26 @@ def test_kernel_choice(monkeypatch):
         token_region_similarity(r, t, m, 0.1, kernel="triton")
     with pytest.raises(ValueError, match="tma.kernel"):
         token_region_similarity(r, t, m, 0.1, kernel="cuda")
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 7, 5, 3), (2, 1, 33, 17, 9)])
+def test_augment_kernel_parity(shape):
+    """The fused augmentation (window, flips, scale/shift, hashed noise) against its reference,
+    at odd sizes spanning several blocks, with every flip combination and noise on and off."""
+    from trainer.augment import augment_reference
+    from trainer.kernels import augment
+
+    g = torch.Generator().manual_seed(0)
+    n = shape[0]
+    x = torch.randint(-1200, 3200, shape, generator=g).to(torch.int16)
+    p = torch.zeros(n, 7, dtype=torch.float64)
+    p[:, :3] = torch.randint(0, 2, (n, 3), generator=g).double()
+    p[:, 3] = 1 + 0.2 * torch.rand(n, generator=g, dtype=torch.float64) - 0.1
+    p[:, 4] = 0.2 * torch.rand(n, generator=g, dtype=torch.float64) - 0.1
+    p[:, 5] = torch.tensor([0.02, 0.0, 0.1][:n], dtype=torch.float64)
+    p[:, 6] = torch.tensor([3.0, 2.0**31 - 2, 12345.0][:n], dtype=torch.float64)
+    ref = augment_reference(x, p, (-1000.0, 1000.0))
+    out = augment(x, p, (-1000.0, 1000.0), kernel="triton")
+    assert out.dtype == torch.float32 and out.shape == shape
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (out - ref).abs().max()
+    assert torch.equal(augment(x, p, (-1000.0, 1000.0), kernel="auto"), ref)     # auto on the CPU: the reference

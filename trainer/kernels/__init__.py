@@ -2,7 +2,7 @@
 
 - ``token_cosines``: the token-region attention + cosine of TMA's local alignment
   (``token_region.py``; reference ``trainer.losses.tma.token_cosines_reference``).
-- ``augment``: the device-side float work of a training sample (window, flips, intensity jitter,
+- ``augment``: the device-side float work of a training sample (``augment_kernel.py``: window, flips, jitter,
   noise; reference ``trainer.augment.augment_reference``).
 
 ``tma.kernel``: ``torch`` runs the reference; ``triton`` runs the fused kernel (CUDA, or the CPU
@@ -34,9 +34,21 @@ def token_cosines(regions: torch.Tensor, tokens: torch.Tensor, attn_temperature:
 
 
 def augment(x: torch.Tensor, params: torch.Tensor, window, kernel: str = "auto") -> torch.Tensor:
-    """int16 HU (N,1,X,Y,Z) + parameters (N,7) -> float32 model input (``trainer.augment``)."""
+    """int16 HU (N,1,X,Y,Z) + parameters (N,7) -> float32 model input (``trainer.augment``).
+    ``kernel`` (``train.augment_kernel``): as ``tma.kernel``; ``auto`` runs the reference (the fused
+    kernel's parity is proven in the interpreter; it has not run on a GPU here)."""
     from trainer.augment import augment_reference
 
-    if kernel not in ("auto", "torch", "triton"):
-        raise ValueError(f"kernel: {kernel!r} is not one of ['auto', 'torch', 'triton']")
-    return augment_reference(x, params, window)
+    if kernel in ("torch", "auto"):
+        return augment_reference(x, params, window)
+    if kernel != "triton":
+        raise ValueError(f"train.augment_kernel: {kernel!r} is not one of ['auto', 'torch', 'triton']")
+    from trainer.kernels import augment_kernel as ka
+    from trainer.kernels import token_region as tr
+
+    if ka.triton is None:
+        raise ImportError("train.augment_kernel=triton needs the triton package: pip install 't3d[kernels]'")
+    if not tr.available(x):
+        raise RuntimeError(f"train.augment_kernel=triton: the fused kernel runs on CUDA tensors (or on the CPU "
+                           f"with TRITON_INTERPRET=1, for tests); got a tensor on {x.device}")
+    return ka.augment(x, params, window)

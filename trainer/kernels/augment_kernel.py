@@ -1,0 +1,84 @@
+"""Fused device-side augmentation (Triton): int16 HU -> window -> flips -> scale/shift -> noise.
+
+Reference: ``trainer.augment.augment_reference``. One program writes a block of output voxels of
+one volume: it reads the (flipped) int16 source voxel, normalises it to the HU window, applies the
+intensity scale and shift, and adds noise from the same counter-based generator as the reference
+(lowbias32 hash of key + 2i and key + 2i + 1, Box-Muller), so the output matches the reference
+to float32 rounding. The reference makes five full-size float32 passes (cast, window, flip,
+jitter, noise, plus the int64 hash tensors); the kernel reads int16 once and writes float32 once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trainer.augment import _GOLD, M32, hash32
+
+try:  # optional: the PyTorch reference runs without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = tl = None
+
+BLOCK = 1024
+
+if triton is not None:
+
+    @triton.jit
+    def _hash(x):
+        """lowbias32 on uint64 lanes holding 32-bit values (masked after each multiply)."""
+        x = x ^ (x >> 16)
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x = x ^ (x >> 15)
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _augment_kernel(x_ptr, out_ptr, p_ptr, key_ptr, X, Y, Z, lo, span, BLOCK: tl.constexpr):
+        n = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        yz = Y * Z
+        total = X * yz
+        inside = offs < total
+        i = offs // yz
+        j = (offs % yz) // Z
+        k = offs % Z
+        fx = tl.load(p_ptr + n * 6 + 0)
+        fy = tl.load(p_ptr + n * 6 + 1)
+        fz = tl.load(p_ptr + n * 6 + 2)
+        a = tl.load(p_ptr + n * 6 + 3)
+        b = tl.load(p_ptr + n * 6 + 4)
+        std = tl.load(p_ptr + n * 6 + 5)
+        si = tl.where(fx > 0.5, X - 1 - i, i)
+        sj = tl.where(fy > 0.5, Y - 1 - j, j)
+        sk = tl.where(fz > 0.5, Z - 1 - k, k)
+        v = tl.load(x_ptr + n.to(tl.int64) * total + si * yz + sj * Z + sk, mask=inside, other=0).to(tl.float32)
+        v = (v - lo) / span
+        v = tl.minimum(tl.maximum(v, 0.0), 1.0)
+        v = v * a + b
+        key = tl.load(key_ptr + n).to(tl.uint64)
+        o = offs.to(tl.uint64)
+        b1 = _hash((key + 2 * o) & 0xFFFFFFFF)
+        b2 = _hash((key + 2 * o + 1) & 0xFFFFFFFF)
+        u1 = (b1.to(tl.float32) + 0.5) * 2.3283064365386963e-10
+        u2 = (b2.to(tl.float32) + 0.5) * 2.3283064365386963e-10
+        noise = tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+        v = tl.where(std > 0, v + std * noise, v)
+        tl.store(out_ptr + n.to(tl.int64) * total + offs, v, mask=inside)
+
+
+def augment(x: torch.Tensor, params: torch.Tensor, window) -> torch.Tensor:
+    """Same contract as ``trainer.augment.augment_reference`` (x (N,1,X,Y,Z), params (N,7))."""
+    if x.ndim != 5 or params.shape != (x.shape[0], 7):
+        raise ValueError(f"augment: expected x (N,1,X,Y,Z) and params (N,7), got {tuple(x.shape)}, {tuple(params.shape)}")
+    n, _, X, Y, Z = x.shape
+    p = params.detach().double().cpu()
+    keys = [((int(hash32(torch.tensor([int(s) & M32]))[0]) + _GOLD) & M32) for s in p[:, 6].tolist()]
+    fparams = p[:, :6].float().contiguous().to(x.device)
+    key_t = torch.tensor(keys, dtype=torch.int64, device=x.device)
+    out = torch.empty((n, 1, X, Y, Z), dtype=torch.float32, device=x.device)
+    grid = (n, math.ceil(X * Y * Z / BLOCK))
+    _augment_kernel[grid](x.contiguous(), out, fparams, key_t, X, Y, Z, float(window[0]),
+                          float(window[1]) - float(window[0]), BLOCK=BLOCK)
+    return out
