@@ -16,7 +16,7 @@ import numpy as np
 
 REASONS = ("unreadable", "truncated", "missing_report", "missing_image", "not_ct", "too_few_slices",
            "inconsistent_spacing", "gantry_tilt", "bad_geometry", "preprocess_error", "duplicate_id",
-           "too_large", "worker_crashed", "bad_text")
+           "too_large", "worker_crashed", "bad_path")
 DEFAULT_MAX_VOXELS = 2**30
 """Larger than any clinical CT (512 x 512 x 4096 is half of it)."""
 WORKING_COPIES = 4
@@ -90,6 +90,9 @@ def read_nifti(path: str | Path, rescale: tuple[float, float] | None = None,
     except Exception as e:  # noqa: BLE001 - nibabel raises many types for corrupt headers
         raise Reject("unreadable", f"{path}: {type(e).__name__}: {e}") from e
     check_size(str(path), img.shape[:3] if len(img.shape) >= 3 else img.shape, max_voxels, max_bytes)
+    dtype = np.dtype(img.header.get_data_dtype())
+    if dtype.kind not in "iuf" or dtype.names is not None:
+        raise Reject("unreadable", f"{path}: data type {dtype} is not an intensity type (integer or float)")
     _check_data_size(path, img)
     try:
         if rescale is not None:

@@ -118,11 +118,17 @@ def load_canonical(ref: str | Path | Sequence[str | Path], data: DataConfig, rea
     its organ mask when given. Every check lives in the reader (unreadable, truncated, not CT, too
     few slices, uneven spacing, gantry tilt, geometry); problems raise ``Reject(reason, detail)``.
     ``read_kw``: the importer's extra reader arguments (CT-RATE's rescale and spacing)."""
-    vol = read_volume(ref, min_slices=data.min_slices, max_spacing_jitter_mm=data.max_spacing_jitter_mm,
-                      max_tilt_deg=data.max_gantry_tilt_deg, max_voxels=data.max_voxels,
-                      max_bytes=data.worker_memory_mb * 2**20 if data.worker_memory_mb else None, **(read_kw or {}))
+    try:
+        vol = read_volume(ref, min_slices=data.min_slices, max_spacing_jitter_mm=data.max_spacing_jitter_mm,
+                          max_tilt_deg=data.max_gantry_tilt_deg, max_voxels=data.max_voxels,
+                          max_bytes=data.worker_memory_mb * 2**20 if data.worker_memory_mb else None,
+                          **(read_kw or {}))
+        m = read_mask(mask, vol.array.shape) if mask else None
+    except (Reject, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a reader tripping on a malformed file: that file's reject
+        raise Reject("unreadable", f"{ref}: {type(e).__name__}: {e}") from e
     canon = CanonicalCT(data.spacing, data.size, data.orientation, data.hu_clip)
-    m = read_mask(mask, vol.array.shape) if mask else None
     try:
         hu, affine = canon(vol.array, vol.affine)
         m = canon.mask(m, vol.affine) if m is not None else None

@@ -322,7 +322,12 @@ def folder(root: Path) -> tuple[list[Study], list[Rejected]]:
             rejects.append((sid, "duplicate_id", f"{path}: id {sid!r} appears twice"))
             continue
         seen.add(sid)
-        img = root / r["image"].strip()
+        rel = r["image"].strip()
+        img = root / rel
+        if not Path(rel).is_absolute() and not _inside(img, root):
+            rejects.append((sid, "bad_path", f"{path}: image {rel!r} of id {sid!r} leaves the input folder "
+                                             "(give an absolute path to mean a file elsewhere)"))
+            continue
         if not img.exists():
             rejects.append((sid, "missing_image", f"{img}: listed in {path} but missing"))
             continue
@@ -333,9 +338,19 @@ def folder(root: Path) -> tuple[list[Study], list[Rejected]]:
         patient = (r.get("patient_id") or sid).strip()
         split = _norm_split(r.get("split") or _hash_split(patient))
         mask = str(root / r["mask"]) if r.get("mask") else None
+        if mask and not Path(r["mask"]).is_absolute() and not _inside(Path(mask), root):
+            rejects.append((sid, "bad_path", f"{path}: mask {r['mask']!r} of id {sid!r} leaves the input folder"))
+            continue
         studies.append(Study(sid, patient, split, str(img), text,
                              labels_from_row(r, path) if has_labels else None, mask, {}, text_meta(r), "folder"))
     return studies, rejects
+
+
+def _inside(p: Path, root: Path) -> bool:
+    """Lexically under ``root`` (``..`` resolved, symlinks not followed: a link is the user's choice)."""
+    import os
+
+    return os.path.normpath(p).startswith(os.path.normpath(root) + os.sep)
 
 
 IMPORTERS: dict[str, Callable[[Path], tuple[list[Study], list[Rejected]]]] = {

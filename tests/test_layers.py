@@ -57,3 +57,23 @@ def test_collectives_only_in_losses_dist():
                         found.append(f"{f.relative_to(REPO)}:{node.lineno} {ast.unparse(node.func)}")
     assert not found, "collectives outside trainer/losses/dist.py:\n" + "\n".join(found)
     assert "all_reduce" in home.read_text() and "all_gather" in home.read_text()
+
+
+def test_checkpoints_load_weights_only():
+    """Every torch.load in the project passes weights_only=True (exports are safetensors): a
+    checkpoint file cannot run code when it is loaded."""
+    found = [f"{f.relative_to(REPO)}:{line} {code}" for pkg in ORDER + ("benchmarks",) for f in _py_files(pkg)
+             for line, code in _unsafe_loads(f.read_text())]
+    assert not found, "torch.load without weights_only=True:\n" + "\n".join(found)
+    assert _unsafe_loads("import torch\nx = torch.load(p)\ny = torch.load(p, weights_only=False)\n") == [
+        (2, "torch.load(p)"), (3, "torch.load(p, weights_only=False)")]
+
+
+def _unsafe_loads(source: str) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+            kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            if kw.get("weights_only") != "True":
+                out.append((node.lineno, ast.unparse(node)))
+    return out

@@ -131,6 +131,56 @@ def save(engine, ckpt_dir: str | Path, rank: int, state: dict[str, Any]) -> None
         (ckpt_dir / "state.json").write_text(json.dumps(state, indent=1))
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(ckpt_dir: str | Path, rank: int) -> None:
+    """Size and sha256 of every file this rank wrote into its checkpoint folder (each rank has its
+    own folder until Ray merges them), in ``checksums_rank{rank}.json``, written last."""
+    d = Path(ckpt_dir)
+    files = {str(p.relative_to(d)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(d.rglob("*")) if p.is_file() and not p.name.startswith("checksums_rank")}
+    tmp = d / f".checksums_rank{rank}.tmp"
+    tmp.write_text(json.dumps(files, indent=0))
+    tmp.replace(d / f"checksums_rank{rank}.json")
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> str | None:
+    """None when every rank's files are there with their recorded size and sha256; else the reason."""
+    d = Path(ckpt_dir)
+    state = d / "state.json"
+    if not state.is_file():
+        return f"{d.name}: no state.json"
+    try:
+        world = json.loads(state.read_text()).get("world")
+    except json.JSONDecodeError as e:
+        return f"{d.name}: state.json is not JSON ({e})"
+    sums = sorted(d.glob("checksums_rank*.json"))
+    if not sums or (world is not None and len(sums) != world):
+        return f"{d.name}: checksums of {len(sums)} rank(s), expected {world}"
+    for f in sums:
+        try:
+            listed = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            return f"{d.name}/{f.name} is not JSON ({e})"
+        for rel, want in listed.items():
+            p = d / rel
+            if not p.is_file():
+                return f"{d.name}/{rel} is missing"
+            if p.stat().st_size != want["bytes"]:
+                return f"{d.name}/{rel} has {p.stat().st_size} bytes, {want['bytes']} were written"
+            if _sha256(p) != want["sha256"]:
+                return f"{d.name}/{rel}: sha256 differs from the one written"
+    return None
+
+
 def load(engine, ckpt_dir: str | Path, rank: int) -> dict[str, Any]:
     ckpt_dir = Path(ckpt_dir)
     path, _ = engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,

@@ -93,7 +93,7 @@ def setup(args: LoopArgs, rank: int, world: int) -> Run:
     torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # then per rank: dropout differs across ranks
     tracker = (Tracker(args.mlflow_uri, args.mlflow_run_id, Path(args.run_dir) / "mlflow_spool.jsonl") if rank == 0
                else Tracker(None, None))
-    state = {"step": 0, "micro": 0, "samples": 0, "corrupt": 0, "dropped": 0}
+    state = {"step": 0, "micro": 0, "samples": 0, "corrupt": 0, "dropped": 0, "world": world}
     run = Run(args, rank, world, engine, T3DLoss(cfg.tma), tracker,
               torch.bfloat16 if eng.use_bf16(cfg) else torch.float32, state)
     run.index = build_index(cfg.data.shards, "train")
@@ -119,7 +119,9 @@ def health_batch(cfg: Config, tokenizer, device) -> Batch:
 
 
 def resume(run: Run) -> None:
-    """Load the latest checkpoint Ray Train hands this attempt (if any)."""
+    """Load the latest good checkpoint: the one Ray Train hands this attempt, or, when its files
+    do not match the checksums written with it (truncated, half-written), the newest earlier one
+    that does (every rank makes the same choice: they read the same storage)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -129,9 +131,23 @@ def resume(run: Run) -> None:
                              "data/steps_per_epoch": run.plan.steps_per_epoch / run.cfg.train.grad_accum}, 0)
         return
     with ckpt.as_directory() as d:
-        run.state.update(eng.load(run.engine, d, run.rank))
+        bad = eng.verify_checkpoint(d)
+        if bad is None:
+            run.state.update(eng.load(run.engine, d, run.rank))
+            where = ckpt.path
+    if bad is not None:
+        older = [p for p in sorted(Path(run.args.run_dir).glob("step_*"), reverse=True)
+                 if p.name < Path(ckpt.path).name and eng.verify_checkpoint(p) is None]
+        if run.rank == 0:
+            print(f"[t3d] checkpoint {ckpt.path} is damaged ({bad}); "
+                  + (f"resuming from {older[0]}" if older else "no earlier good checkpoint: starting over"), flush=True)
+        if not older:
+            return
+        run.state.update(eng.load(run.engine, older[0], run.rank))
+        where = older[0]
+    run.state["world"] = run.world
     if run.rank == 0:
-        print(f"[t3d] resumed from {ckpt.path} at step {run.state['step']} (micro {run.state['micro']})", flush=True)
+        print(f"[t3d] resumed from {where} at step {run.state['step']} (micro {run.state['micro']})", flush=True)
 
 
 def batches(run: Run) -> Iterator[tuple[int, Batch | None]]:
@@ -196,6 +212,7 @@ def checkpoint(run: Run) -> None:
         eng.export(run.engine, Path(d) / "export", run.cfg, run.rank,
                    {"step": step, "tokenizer_dir": args.tokenizer_dir, "mlflow_run_id": args.mlflow_run_id,
                     "loss": run.logs.get("loss")})
+        eng.write_checksums(d, run.rank)
         metrics = {"step": step, **run.logs}
         if args.validator and run.rank == 0:
             metrics.update(validate(args.validator, Path(d) / "export", run.cfg.data.shards))
