@@ -1,111 +1,202 @@
-"""Multi-view batches/s delivered to a trainer, and trainer samples/s per ZeRO stage (CPU).
+"""Loader throughput per CPU core: our shard stream vs a MONAI pipeline on the raw files, one run.
 
-    python -m benchmarks.stream [--n 32] [--batches 24] [--skip-zero]
+    python -m benchmarks.stream [--config configs/t3d.yaml] [--n 12] [--views 2] [--ray] [--zero]
 
-(1) Our path: ingested shards -> Ray Data actor pool (decode, views, tokenize) -> batches, vs
-    a MONAI Dataset + DataLoader reading the raw NIfTI files and making the same views
-    (LoadImaged, Orientationd, Spacingd, ResizeWithPadOrCropd, then our MultiViewCrop), with
-    the same number of workers. One run, same cores; the ratio is printed.
-(2) Trainer samples/s with 2 Ray Train workers at ZeRO 0/1/2/3 (debug flavour, short runs).
+Both sides make what a training step needs from one study: the whole volume and ``--views`` TMA
+views, on one core each (one process, torch and blosc2 on one thread):
+- ours: a shard sample read by byte offset -> decoded (``data.codec``) -> int16 volume, int16 views
+  (random crop + MONAI ``Resize``), augmentation parameters, tokenized report (``DecodeCrop``, the
+  Ray Data actor's function); the float work runs later on the trainer's device;
+- MONAI: ``LoadImaged`` on the raw .nii.gz -> ``Orientationd`` -> ``Spacingd`` ->
+  ``ScaleIntensityRanged`` -> ``ResizeWithPadOrCropd`` -> ``RandSpatialCropSamplesd`` (the views,
+  at the config's crop scale) -> ``Resized``.
+Printed: volumes/s per core for each, the ratio (``ratio xN.NN``) and each side's peak RSS. With
+``--ray``, the same shards through the Ray Data actor pool (``data.loader_actors`` actors), and with
+``--zero`` trainer samples/s at ZeRO 0/1/2/3 (debug flavour, 2 CPU workers).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bench_ours(shards: str, cfg, tok_dir: str, batches: int) -> float:
-    from data_service.stream import Plan, build_index, rank_stream
+def _one_thread() -> None:
+    import torch
 
+    torch.set_num_threads(1)
+    try:
+        import blosc2
+
+        blosc2.set_nthreads(1)
+    except ImportError:
+        pass
+
+
+def run_ours(cfg_path: str, shards: str, tok: str, views: int, reps: int) -> dict:
+    _one_thread()
+    from common.config import load_config
+    from data_service.stream import DecodeCrop, build_index
+
+    cfg = load_config(cfg_path, [f"data.views.n={views}"])
     index = build_index(shards, "train")
-    plan = Plan(sorted(index), 1, cfg.train.batch_size, 0)
-    it = rank_stream(index, plan, 0, 0, batches + 2, cfg.data, tok_dir)
-    next(it), next(it)                                     # warm-up: actor start
-    t, n = time.perf_counter(), 0
-    for b in it:
-        n += 1
-        assert b["views"].shape[1] == cfg.data.views.n
-    return n / (time.perf_counter() - t)
+    keys = sorted(index)
+    actor = DecodeCrop(cfg.data, tok, seed=0, text_unit=cfg.model.text_unit)
+    batch = {"key": np.array(keys), "micro": np.zeros(len(keys), int),
+             "shard": np.array([index[k]["shard"] for k in keys]),
+             "members": np.array([json.dumps(index[k]["members"]) for k in keys])}
+    out = actor({k: v[:1] for k, v in batch.items()})               # warm-up
+    t = time.perf_counter()
+    for r in range(reps):
+        batch["micro"][:] = r
+        out = actor(batch)
+    dt = time.perf_counter() - t
+    assert out["ok"].all() and out["views"].shape[1] == views
+    return {"volumes": reps * len(keys), "seconds": dt, "peak_rss_mb": _rss_mb()}
 
 
-def bench_monai(raw: str, cfg, batches: int, workers: int) -> float:
-    from monai.data import DataLoader, Dataset
+def run_monai(cfg_path: str, raw: str, views: int, reps: int) -> dict:
+    _one_thread()
     from monai.transforms import (
         Compose,
         EnsureChannelFirstd,
         LoadImaged,
         Orientationd,
+        RandSpatialCropSamplesd,
+        Resized,
         ResizeWithPadOrCropd,
         ScaleIntensityRanged,
         Spacingd,
     )
 
-    from data_service.views import MultiViewCropd
+    from common.config import load_config
 
-    files = [{"image": str(p), "seed": i} for i, p in
-             enumerate(sorted(Path(raw).glob("train/*/*/*.nii.gz")))]
+    d = load_config(cfg_path).data
+    roi = [int(round(s * d.views.scale[0])) for s in d.size]
     tf = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS"),
-                  Spacingd("image", pixdim=cfg.data.spacing), ScaleIntensityRanged("image", -1000, 1000, 0, 1, clip=True),
-                  ResizeWithPadOrCropd("image", cfg.data.size), MultiViewCropd(cfg.data.views)])
-    reps = (batches + 2) * cfg.train.batch_size // len(files) + 1
-    dl = DataLoader(Dataset(files * reps, tf), batch_size=cfg.train.batch_size, num_workers=workers,
-                    multiprocessing_context="spawn")
-    it = iter(dl)
-    next(it), next(it)
+                  Spacingd("image", pixdim=d.spacing, mode="bilinear"),
+                  ScaleIntensityRanged("image", a_min=d.hu_window[0], a_max=d.hu_window[1], b_min=0.0, b_max=1.0,
+                                       clip=True),
+                  ResizeWithPadOrCropd("image", d.size),
+                  RandSpatialCropSamplesd("image", roi_size=roi, num_samples=views, random_size=True,
+                                          max_roi_size=[int(round(s * d.views.scale[1])) for s in d.size]),
+                  Resized("image", spatial_size=d.views.size)])
+    tf.set_random_state(0)
+    files = [{"image": str(p)} for p in sorted(Path(raw).glob("train/*/*/*.nii.gz"))]
+    tf(files[0])                                                     # warm-up
     t = time.perf_counter()
-    for _ in range(batches):
-        b = next(it)
-        assert b["views"].shape[1] == cfg.data.views.n
-    return batches / (time.perf_counter() - t)
+    n = 0
+    for _ in range(reps):
+        for f in files:
+            out = tf(f)
+            assert len(out) == views
+            n += 1
+    return {"volumes": n, "seconds": time.perf_counter() - t, "peak_rss_mb": _rss_mb()}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.stream")
-    p.add_argument("--n", type=int, default=32)
-    p.add_argument("--batches", type=int, default=24)
-    p.add_argument("--skip-zero", action="store_true")
-    a = p.parse_args(argv)
-    import ray
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+
+def _side(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.stream", *args], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    return json.loads(out.stdout.split("RESULT ", 1)[1])
+
+
+def prepare(cfg_path: str, d: Path, n: int) -> tuple[str, str, str]:
     from common.config import load_config
     from common.text import build_tokenizer
     from data_service import ingest, synth
     from data_service.shards import iter_split
 
-    cfg = load_config(REPO / "configs/debug.yaml", ["data.loader_actors=2", "data.loader_cpus_per_actor=1"])
+    cfg = load_config(cfg_path)
+    raw, shards = d / "raw", d / "shards"
+    synth.generate(raw, n, seed=0, valid_fraction=0.2, workers=2)
+    ingest.run("ctrate", str(raw), str(shards), cfg.data, progress=False)
+    build_tokenizer([s["report"] for s in iter_split(shards, "train", decode_ct=False)], cfg.model.vocab_size or 1000,
+                    d / "tok")
+    return str(raw), str(shards), str(d / "tok")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.stream")
+    p.add_argument("--config", default=str(REPO / "configs/t3d.yaml"))
+    p.add_argument("--n", type=int, default=12)
+    p.add_argument("--views", type=int, default=2)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--ray", action="store_true", help="also the Ray Data actor pool path")
+    p.add_argument("--zero", action="store_true", help="also trainer samples/s per ZeRO stage (debug)")
+    p.add_argument("--one", choices=["ours", "monai"], help=argparse.SUPPRESS)
+    p.add_argument("--data", nargs=3, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.one:
+        raw, shards, tok = a.data
+        r = (run_ours(a.config, shards, tok, a.views, a.reps) if a.one == "ours"
+             else run_monai(a.config, raw, a.views, max(1, a.reps // 2)))
+        print("RESULT " + json.dumps(r))
+        return 0
     with tempfile.TemporaryDirectory() as d:
-        raw, shards = Path(d) / "raw", Path(d) / "shards"
-        synth.generate(raw, a.n, seed=0, valid_fraction=0.2)
-        ingest.run("ctrate", str(raw), str(shards), cfg.data, progress=False)
-        build_tokenizer([s["report"] for s in iter_split(shards, "train", decode_ct=False)], 1000, Path(d) / "tok")
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 2**20)
-        ours = bench_ours(str(shards), cfg, str(Path(d) / "tok"), a.batches)
-        monai = bench_monai(str(raw), cfg, a.batches, workers=2)
-        print(f"multi-view batches/s (batch {cfg.train.batch_size}, {cfg.data.views.n} views): "
-              f"ours (Ray Data, 2 actors) {ours:.2f}, MONAI DataLoader (2 workers) {monai:.2f}, ratio x{ours / monai:.2f}")
-        if not a.skip_zero:
-            from trainer.pretrain import fit
-
-            rates = {}
-            for stage in (0, 1, 2, 3):
-                c = load_config(REPO / "configs/debug.yaml", [
-                    f"data.shards={shards}", f"train.output_dir={d}/runs", f"train.run_name=z{stage}",
-                    "train.steps=12", "train.checkpoint_every=12", "train.log_every=4", "train.batch_size=4",
-                    f"deepspeed.zero_stage={stage}"])
-                result, run_dir, _, _ = fit(c)
-                import json
-
-                rates[stage] = json.loads((run_dir / "step_0000012/state.json").read_text())["samples_per_s"]
-            base = rates[0]
-            print("trainer samples/s, 2 CPU workers, debug flavour: " +
-                  ", ".join(f"ZeRO-{s} {r:.2f} (x{r / base:.2f})" for s, r in rates.items()))
-        ray.shutdown()
+        raw, shards, tok = prepare(a.config, Path(d), a.n)
+        res = {side: _side(["--one", side, "--config", a.config, "--views", str(a.views), "--reps", str(a.reps),
+                            "--data", raw, shards, tok]) for side in ("ours", "monai")}
+        for side, r in res.items():
+            r["vol_per_s"] = r["volumes"] / r["seconds"]
+            print(f"{side:6s} {r['volumes']} volumes in {r['seconds']:.1f} s on one core = {r['vol_per_s']:.2f} "
+                  f"volumes/s per core; peak RSS {r['peak_rss_mb']:.0f} MB")
+        print(f"stream, {a.views} views, {Path(a.config).name}: ours {res['ours']['vol_per_s']:.2f} vs MONAI "
+              f"{res['monai']['vol_per_s']:.2f} volumes/s per core, ratio x{res['ours']['vol_per_s'] / res['monai']['vol_per_s']:.2f}")
+        if a.ray:
+            print(f"Ray Data actor pool: {ray_pool(a.config, shards, tok, a.views):.2f} volumes/s")
+        if a.zero:
+            zero_stages(a.config, shards, Path(d))
     return 0
+
+
+def ray_pool(cfg_path: str, shards: str, tok: str, views: int, batches: int = 12) -> float:
+    import ray
+
+    from common.config import load_config
+    from data_service.stream import Plan, build_index, rank_stream
+
+    cfg = load_config(cfg_path, [f"data.views.n={views}", "data.loader_actors=2", "data.loader_cpus_per_actor=1"])
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, object_store_memory=1024 * 2**20)
+    try:
+        index = build_index(shards, "train")
+        plan = Plan(sorted(index), 1, 2, 0)
+        it = rank_stream(index, plan, 0, 0, batches + 2, cfg.data, tok, cfg.model.text_unit)
+        next(it), next(it)
+        t, n = time.perf_counter(), 0
+        for b in it:
+            n += len(b["key"])
+        return n / (time.perf_counter() - t)
+    finally:
+        ray.shutdown()
+
+
+def zero_stages(cfg_path: str, shards: str, d: Path) -> None:
+    """(Meant with configs/debug.yaml: the debug model on the config's grid.)"""
+    from common.config import load_config
+    from trainer.pretrain import fit
+
+    rates = {}
+    for stage in (0, 1, 2, 3):
+        c = load_config(cfg_path, ["model.flavour=debug",
+            f"data.shards={shards}", f"train.output_dir={d}/runs", f"train.run_name=z{stage}", "train.steps=12",
+            "train.checkpoint_every=12", "train.log_every=4", "train.batch_size=4", f"deepspeed.zero_stage={stage}"])
+        result, run_dir, _, _ = fit(c)
+        rates[stage] = json.loads((run_dir / "step_0000012/state.json").read_text())["samples_per_s"]
+    print("trainer samples/s, 2 CPU workers, debug flavour: " +
+          ", ".join(f"ZeRO-{s} {r:.2f} (x{r / rates[0]:.2f})" for s, r in rates.items()))
 
 
 if __name__ == "__main__":

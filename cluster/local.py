@@ -92,6 +92,7 @@ def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port:
             return st
     env = _env()
     env["MLFLOW_TRACKING_URI"] = f"http://{HOST}:{mlflow_port}"   # job drivers inherit the head's env
+    env[MARKER] = str(sd)
     subprocess.run([_bin("ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     tmp = ray_temp_dir(sd)
     # Ray's per-node agents default to fixed ports (52365, 10001, ...): a second Ray on the machine
@@ -109,6 +110,7 @@ def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port:
     proc = start_mlflow(sd, mlflow_port, env)
     st = {"ray_address": f"{HOST}:{ray_port}", "dashboard": f"http://{HOST}:{dashboard_port}",
           "mlflow_uri": f"http://{HOST}:{mlflow_port}", "mlflow_pid": proc.pid, "ray_temp_dir": str(tmp),
+          "marker": str(sd),
           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     st_file.write_text(json.dumps(st, indent=1))
     try:
@@ -143,16 +145,24 @@ def _wait_jobs(st: dict, env: dict, seconds: float) -> None:
     raise RuntimeError(f"Ray job server at {st['dashboard']} did not accept a job within {seconds:.0f} s: {last}")
 
 
+MARKER = "T3D_CLUSTER"
+"""Environment variable every process of a local cluster inherits (set on `ray start`): Ray renames
+its agents (``ray::DashboardAgent``), so their command lines no longer name the temp dir."""
+
+
 def _ray_procs(st: dict):
     import psutil
 
-    tmp = st.get("ray_temp_dir")
+    tmp, marker = st.get("ray_temp_dir"), st.get("marker")
     out = []
     for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.pid == os.getpid():
+            continue
         try:
-            if tmp and any(tmp in a for a in (p.info["cmdline"] or [])):
+            if (tmp and any(tmp in a for a in (p.info["cmdline"] or []))) or \
+                    (marker and p.environ().get(MARKER) == marker):
                 out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return out
 

@@ -42,8 +42,10 @@ def encode_array(a: np.ndarray, codec: str) -> bytes:
         import blosc2
 
         c = blosc2.Codec.LZ4 if codec == "blosc2-lz4" else blosc2.Codec.ZSTD
+        # one thread: with several, blosc2 lays blocks out in completion order and the same volume
+        # gives other bytes (shards must be byte-deterministic: resume compares checksums)
         return blosc2.compress2(np.ascontiguousarray(a), codec=c, clevel=5 if codec == "blosc2-lz4" else 3,
-                                filters=[blosc2.Filter.SHUFFLE], typesize=a.dtype.itemsize)
+                                filters=[blosc2.Filter.SHUFFLE], typesize=a.dtype.itemsize, nthreads=1)
     raise ValueError(f"codec {codec!r} is not one of {list(CODECS)}")
 
 

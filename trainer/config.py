@@ -80,11 +80,13 @@ class TMAConfig:
     sinkhorn_iters: int = 3
     sinkhorn_epsilon: float = 0.05
     consistency_on: str = "text_informed"       # "text_informed" or "global"
+    local_space: str = "separate"               # regions/tokens: own heads ("separate") or the CLIP heads ("shared")
     kernel: str = "auto"                        # "auto" | "torch" | "triton" (token-region attention)
 
     def validate(self, root=None) -> "TMAConfig":
         check_choice("tma.token_pool", self.token_pool, ("mean", "lse"))
         check_choice("tma.consistency_on", self.consistency_on, ("text_informed", "global"))
+        check_choice("tma.local_space", self.local_space, ("separate", "shared"))
         check_choice("tma.kernel", self.kernel, ("auto", "torch", "triton"))
         for k in ("w_clip", "w_local", "w_consistency"):
             check_range(f"tma.{k}", getattr(self, k), 0.0)

@@ -20,6 +20,22 @@ def test_job_submit_against_local_head(phantom, tmp_path):
     try:
         assert st["mlflow_uri"].startswith("http://127.0.0.1:") and st["dashboard"].startswith("http://127.0.0.1:")
         assert local.status(sd) == 0
+        # security: a job submitted without the token (or with a wrong one) is refused
+        import urllib.error
+        import urllib.request
+
+        body = json.dumps({"entrypoint": "echo should-not-run"}).encode()
+        for headers, code in (({}, 401), ({"Authorization": "Bearer wrong-token"}, 403)):
+            req = urllib.request.Request(st["dashboard"] + "/api/jobs/", data=body, method="POST",
+                                         headers={"Content-Type": "application/json", **headers})
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=10)
+            assert e.value.code == code
+        # the dashboard (and its job server) and MLflow listen on loopback only
+        listening = _listeners()
+        for url in (st["dashboard"], st["mlflow_uri"]):
+            port = int(url.rsplit(":", 1)[1])
+            assert listening.get(port) and listening[port] <= {"127.0.0.1"}, (port, listening.get(port))
         env = {**os.environ, "RAY_AUTH_MODE": "token"}
         out = tmp_path / "runs"
         cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", st["dashboard"],
@@ -44,7 +60,31 @@ def test_job_submit_against_local_head(phantom, tmp_path):
         assert [(r["checkpoint"], r["task"], r["error"]) for r in ledger] == [("step_0000002", "retrieval", None)]
         r1 = MlflowClient(st["mlflow_uri"]).get_metric_history(summary["mlflow_run_id"], "retrieval/i2t_R_at_1")
         assert [m.step for m in r1] == [2]
+        hist = MlflowClient(st["mlflow_uri"]).get_metric_history(summary["mlflow_run_id"], "health/image_cosine")
+        assert [m.step for m in hist] == [1, 2]                   # representation health is logged too
     finally:
         local.down(sd)
     assert local.status(sd) == 1
-    assert not local._ray_procs(st)
+    import psutil
+
+    left = [p for p in psutil.process_iter(["name"]) if _belongs(p, st)]
+    assert not left, [p.info["name"] for p in left]             # DashboardAgent, RuntimeEnvAgent ... too
+
+
+def _belongs(p, st) -> bool:
+    import psutil
+
+    try:
+        return p.environ().get(local.MARKER) == st["marker"]
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+def _listeners() -> dict[int, set[str]]:
+    import psutil
+
+    out: dict[int, set[str]] = {}
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN:
+            out.setdefault(c.laddr.port, set()).add(c.laddr.ip)
+    return out

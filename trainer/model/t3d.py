@@ -53,8 +53,12 @@ class T3D(nn.Module):
         ci, ct, e, dl = self.image.out_dim, self.text.out_dim, mcfg.embed_dim, mcfg.local_dim
         self.img_proj = projection(mcfg.proj, ci, e)
         self.txt_proj = projection(mcfg.proj, ct, e)
-        self.img_local = nn.Linear(ci, dl)        # regions -> token space (TMA)
-        self.txt_local = nn.Linear(ct, dl)        # tokens -> token space (TMA)
+        self.shared_local = tcfg.local_space == "shared"   # regions and tokens in the CLIP space (FILIP-style)
+        if self.shared_local:
+            dl = e
+        else:
+            self.img_local = nn.Linear(ci, dl)    # regions -> token space (TMA)
+            self.txt_local = nn.Linear(ct, dl)    # tokens -> token space (TMA)
         self.view_proj = nn.Sequential(nn.Linear(dl, dl), nn.GELU(), nn.Linear(dl, e))  # pooled view -> prototypes
         # a direct parameter of the root module: ZeRO-3 gathers it in T3D.forward's hook
         self.prototypes = nn.Parameter(torch.randn(tcfg.prototypes, e) / math.sqrt(e))
@@ -65,7 +69,13 @@ class T3D(nn.Module):
     def encode_image(self, x: torch.Tensor):
         """x (B,1,D,H,W) -> normalized global (B,E), normalized regions (B,N,Dl)."""
         g, local, _ = self.image(x)
-        return self.project_image(g), F.normalize(self.img_local(local), dim=-1)
+        return self.project_image(g), F.normalize(self.local_head(local, image=True), dim=-1)
+
+    def local_head(self, x: torch.Tensor, image: bool) -> torch.Tensor:
+        """Regions (image) or tokens into the token-region space (``tma.local_space``)."""
+        if self.shared_local:
+            return self.img_proj(x) if image else self.txt_proj(x)
+        return self.img_local(x) if image else self.txt_local(x)
 
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
         """The image encoder's pooled features (B,C) -> normalized embedding in the shared space (B,E)."""
@@ -78,7 +88,7 @@ class T3D(nn.Module):
         sentences' projected embeddings (each sentence encoded on its own)."""
         if input_ids.ndim == 2:
             pooled, tokens = self.text(input_ids, attention_mask)
-            return (F.normalize(self.txt_proj(pooled), dim=-1), F.normalize(self.txt_local(tokens), dim=-1),
+            return (F.normalize(self.txt_proj(pooled), dim=-1), F.normalize(self.local_head(tokens, image=False), dim=-1),
                     content_mask(attention_mask).to(tokens.dtype))
         b, s, n = input_ids.shape
         ids, am = input_ids.reshape(b * s, n), attention_mask.reshape(b * s, n)
@@ -90,7 +100,7 @@ class T3D(nn.Module):
         sent = self.txt_proj(pooled)
         report = torch.zeros(b, sent.shape[1], dtype=sent.dtype, device=sent.device).index_add(0, owner, sent)
         report = report / torch.bincount(owner, minlength=b).clamp_min(1)[:, None].to(sent.dtype)
-        local = self.txt_local(states)
+        local = self.local_head(states, image=False)
         tokens = local.new_zeros(b * s, n, local.shape[-1])
         tokens[present] = local
         return (F.normalize(report, dim=-1), F.normalize(tokens.view(b, s * n, -1), dim=-1),
