@@ -172,8 +172,8 @@ def ray_pool(cfg_path: str, shards: str, tok: str, views: int, batches: int = 12
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, object_store_memory=1024 * 2**20)
     try:
         index = build_index(shards, "train")
-        plan = Plan(sorted(index), 1, 2, 0)
-        it = rank_stream(index, plan, 0, 0, batches + 2, cfg.data, tok, cfg.model.text_unit)
+        plan = Plan(sorted(index), 2, 0)
+        it = rank_stream(index, plan, 0, 1, 0, 0, batches + 2, cfg.data, tok, cfg.model.text_unit)
         next(it), next(it)
         t, n = time.perf_counter(), 0
         for b in it:

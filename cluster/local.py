@@ -1,6 +1,7 @@
 """Local cluster: a Ray head (token auth, everything on 127.0.0.1) and an MLflow tracking server.
 
-    python -m cluster.local up [--num-cpus 8] [--mlflow-port 5000] [--dashboard-port 8265]
+    python -m cluster.local up [--num-cpus 8] [--mlflow-port 5000] [--dashboard-port 8265] [--nodes 2]
+    python -m cluster.local add-node [--node-cpus 4]
     python -m cluster.local status
     python -m cluster.local down
 
@@ -123,6 +124,57 @@ def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port:
     return st
 
 
+def add_node(sd: Path, num_cpus: int, object_store_mb: int = 512) -> dict:
+    """Start one more Ray node on this machine, joined to the head (its own raylet, ports and
+    resources, plus a custom resource ``node{i}``); recorded in the state file. Its processes carry
+    ``T3D_NODE={i}``, so ``kill_node`` (tests) and ``down`` find them."""
+    st_file = sd / "state.json"
+    st = json.loads(st_file.read_text())
+    idx = len(st.get("nodes", [])) + 2                         # the head is node 1
+    env = _env()
+    env["MLFLOW_TRACKING_URI"] = st["mlflow_uri"]
+    env[MARKER], env["T3D_NODE"] = st["marker"], str(idx)
+    base = _free_port()
+    cmd = [_bin("ray"), "start", f"--address={st['ray_address']}", f"--node-ip-address={HOST}",
+           f"--num-cpus={num_cpus}", f"--resources={json.dumps({f'node{idx}': 1})}",
+           f"--object-store-memory={object_store_mb * 2**20}", f"--node-manager-port={_free_port()}",
+           f"--object-manager-port={_free_port()}", f"--min-worker-port={base % 40000 + 20000}",
+           f"--max-worker-port={base % 40000 + 20100}", f"--dashboard-agent-listen-port={_free_port()}",
+           f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+           f"--metrics-export-port={_free_port()}", "--disable-usage-stats"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"ray start (node {idx}) failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    st.setdefault("nodes", []).append({"node": idx, "num_cpus": num_cpus})
+    st_file.write_text(json.dumps(st, indent=1))
+    return st
+
+
+def node_procs(st: dict, idx: int):
+    """The processes of node ``idx`` (``add_node``)."""
+    return [p for p in _ray_procs(st) if _env_of(p).get("T3D_NODE") == str(idx)]
+
+
+def kill_node(st: dict, idx: int) -> int:
+    """SIGKILL every process of node ``idx``, as a machine lost without warning; returns how many."""
+    procs = node_procs(st, idx)
+    for p in procs:
+        try:
+            p.kill()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    return len(procs)
+
+
+def _env_of(p) -> dict:
+    import psutil
+
+    try:
+        return p.environ()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return {}
+
+
 def _free_port() -> int:
     import socket
 
@@ -160,7 +212,7 @@ def _ray_procs(st: dict):
             continue
         try:
             if (tmp and any(tmp in a for a in (p.info["cmdline"] or []))) or \
-                    (marker and p.environ().get(MARKER) == marker):
+                    (marker and _env_of(p).get(MARKER) == marker):
                 out.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
@@ -225,7 +277,7 @@ Submit a job:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cluster.local", description=__doc__.split("\n")[0])
-    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("action", choices=["up", "down", "status", "add-node"])
     p.add_argument("--dir", default=None, help="state folder (default .cluster/ in the repo)")
     p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the head (more than cores: "
                    "Ray Data only budgets CPUs that Train did not reserve)")
@@ -233,10 +285,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dashboard-port", type=int, default=8265)
     p.add_argument("--ray-port", type=int, default=6380)
     p.add_argument("--object-store-mb", type=int, default=1024)
+    p.add_argument("--nodes", type=int, default=1, help="Ray nodes on this machine (the head + nodes-1 more)")
+    p.add_argument("--node-cpus", type=int, default=4, help="logical CPUs of each extra node")
     a = p.parse_args(argv)
     sd = state_dir(a.dir)
     if a.action == "up":
-        print_usage(up(sd, a.num_cpus, a.mlflow_port, a.dashboard_port, a.ray_port, a.object_store_mb))
+        st = up(sd, a.num_cpus, a.mlflow_port, a.dashboard_port, a.ray_port, a.object_store_mb)
+        for _ in range(len(st.get("nodes", [])) + 1, a.nodes):
+            st = add_node(sd, a.node_cpus)
+        print_usage(st)
+        return 0
+    if a.action == "add-node":
+        st = add_node(sd, a.node_cpus)
+        print(f"node {st['nodes'][-1]['node']} joined {st['ray_address']} with {a.node_cpus} CPUs")
         return 0
     if a.action == "down":
         down(sd)

@@ -1,10 +1,11 @@
 """Ray Data streaming of multi-view batches to training workers, with an exact data position.
 
-Plan (pure, no Ray): for epoch e the train keys are permuted with seed (train.seed, e); the
-first ``floor(n / (W*B)) * W*B`` are used (the remainder is counted and logged) and micro-step s
-of the epoch gives rank r the keys ``perm[(s*W + r)*B : (s*W + r + 1)*B]``. The data position is
-therefore just the global micro-step: a resumed run continues at the next micro-step and neither
-repeats nor skips a sample, and every rank gets the same number of batches (no collective hangs).
+Plan (pure, no Ray): for epoch e the train keys are permuted with seed (train.seed, e); a
+micro-step of W ranks takes the epoch's next W*B keys (rank r the r-th B), and an epoch tail
+shorter than W*B is counted and skipped. The data position is a count of samples, saved with each
+checkpoint: a resumed run, with the same or another number of workers, continues at the next
+sample and neither repeats nor skips one, and every rank gets the same number of batches (no
+collective hangs).
 
 Execution (Ray Data, per worker): the rank's ordered rows ``(key, shard, offsets)`` go through
 ``map_batches`` on an actor pool (``data.loader_actors`` actors x ``data.loader_cpus_per_actor``
@@ -44,37 +45,61 @@ def build_index(shards_dir: str | Path, split: str = "train") -> dict[str, dict[
 
 @dataclass
 class Plan:
+    """The exact data order, as a position in samples.
+
+    Epoch e is the permutation of the sorted train keys seeded by (seed, e); the data position is
+    ``e * n + offset``. A micro-step of a world of W ranks takes the next ``W * batch`` keys of the
+    epoch, rank r the r-th ``batch`` of them; when fewer than ``W * batch`` are left in the epoch,
+    they are unused (counted) and the step starts the next epoch. The position after each step is
+    saved with a checkpoint, so a run resumed with another number of workers continues at the same
+    sample: nothing is repeated or skipped (but the tail of the epoch it is in, which depends on W).
+    """
     keys: list[str]           # sorted train keys
-    world: int
-    batch: int
+    batch: int                # per rank and micro-step
     seed: int
 
-    @property
-    def steps_per_epoch(self) -> int:
-        n = len(self.keys) // (self.world * self.batch)
+    def steps_per_epoch(self, world: int) -> int:
+        n = len(self.keys) // (world * self.batch)
         if n == 0:
             raise ValueError(f"{len(self.keys)} train samples < one global batch "
-                             f"({self.world} workers x {self.batch}); lower train.batch_size")
+                             f"({world} workers x {self.batch}); lower train.batch_size")
         return n
 
-    @property
-    def unused_per_epoch(self) -> int:
-        return len(self.keys) - self.steps_per_epoch * self.world * self.batch
+    def unused_per_epoch(self, world: int) -> int:
+        return len(self.keys) - self.steps_per_epoch(world) * world * self.batch
 
     def epoch_order(self, epoch: int) -> list[str]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.keys))
         return [self.keys[i] for i in perm]
 
-    def rank_keys(self, rank: int, start_micro: int, n_micro: int) -> list[tuple[int, str]]:
-        """(global micro-step, key) for this rank, from micro-step ``start_micro`` on."""
-        out, spe, orders = [], self.steps_per_epoch, {}
-        for m in range(start_micro, start_micro + n_micro):
-            epoch, s = divmod(m, spe)
+    def steps(self, world: int, position: int, n_micro: int) -> list[tuple[int, list[str]]]:
+        """``n_micro`` global micro-steps from ``position``: (position after it, keys in rank order)."""
+        n, gb = len(self.keys), world * self.batch
+        self.steps_per_epoch(world)                       # raises when one global batch does not fit
+        out, orders, pos = [], {}, position
+        for _ in range(n_micro):
+            epoch, off = divmod(pos, n)
+            if off + gb > n:
+                epoch, off = epoch + 1, 0
             if epoch not in orders:
                 orders = {epoch: self.epoch_order(epoch)}
-            lo = (s * self.world + rank) * self.batch
-            out += [(m, k) for k in orders[epoch][lo: lo + self.batch]]
+            pos = epoch * n + off + gb
+            out.append((pos, orders[epoch][off:off + gb]))
         return out
+
+    def rank_keys(self, rank: int, world: int, position: int, first_micro: int,
+                  n_micro: int) -> list[tuple[int, str, int]]:
+        """(global micro-step, key, position after that micro-step) for this rank."""
+        return [(first_micro + i, k, after)
+                for i, (after, keys) in enumerate(self.steps(world, position, n_micro))
+                for k in keys[rank * self.batch:(rank + 1) * self.batch]]
+
+    def position_of(self, micro: int, world: int) -> int:
+        """The position after ``micro`` micro-steps at a fixed world (checkpoints written before
+        positions were saved)."""
+        spe = self.steps_per_epoch(world)
+        epoch, s = divmod(micro, spe)
+        return epoch * len(self.keys) + s * world * self.batch
 
 
 class DecodeCrop:
@@ -120,21 +145,24 @@ class DecodeCrop:
                 errors.append(str(e)[:500])
         enc = encode_reports(self.tok, reports, self.text_unit, d.max_text_tokens, d.max_sentences,
                              d.max_sentence_tokens, pad_to_max=True, return_tensors="np")
-        return {"key": batch["key"], "micro": batch["micro"], "ok": ok, "error": np.array(errors, dtype=object),
+        return {"key": batch["key"], "micro": batch["micro"], "position": batch["position"] if "position" in batch else np.full(n, -1), "ok": ok, "error": np.array(errors, dtype=object),
                 "image": image, "views": views, "params": params, "input_ids": enc["input_ids"].astype(np.int64),
                 "attention_mask": enc["attention_mask"].astype(np.int64)}
 
 
-def rank_stream(index: dict[str, dict[str, Any]], plan: Plan, rank: int, start_micro: int, n_micro: int,
-                data: DataConfig, tokenizer_dir: str, text_unit: str = "report") -> Iterator[dict[str, Any]]:
-    """Yields one batch dict per micro-step, in plan order (Ray Data actor pool underneath)."""
+def rank_stream(index: dict[str, dict[str, Any]], plan: Plan, rank: int, world: int, position: int,
+                first_micro: int, n_micro: int, data: DataConfig, tokenizer_dir: str,
+                text_unit: str = "report") -> Iterator[dict[str, Any]]:
+    """Yields one batch dict per micro-step, in plan order (Ray Data actor pool underneath); each
+    carries ``micro`` and ``position`` (the data position after it)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
-    rows = [{"micro": m, "key": k, "shard": index[k]["shard"], "members": json.dumps(index[k]["members"])}
-            for m, k in plan.rank_keys(rank, start_micro, n_micro)]
+    rows = [{"micro": m, "position": pos, "key": k, "shard": index[k]["shard"],
+             "members": json.dumps(index[k]["members"])}
+            for m, k, pos in plan.rank_keys(rank, world, position, first_micro, n_micro)]
     if not rows:
         return
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // plan.batch))

@@ -145,7 +145,9 @@ class DeepSpeedConfig:
 @dataclass
 class RayConfig:
     address: Optional[str] = None               # None: connect to RAY_ADDRESS or start local
-    num_workers: int = 2
+    num_workers: int = 2                        # (the most, when elastic)
+    min_workers: int = 0                        # > 0: elastic, between min_workers and num_workers
+    placement_strategy: str = "PACK"            # "PACK" | "SPREAD" the workers over the nodes
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     max_failures: int = 1
@@ -153,6 +155,8 @@ class RayConfig:
 
     def validate(self, root=None) -> "RayConfig":
         check_range("ray.num_workers", self.num_workers, 1)
+        check_range("ray.min_workers", self.min_workers, 0, self.num_workers)
+        check_choice("ray.placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
         return self
 
 

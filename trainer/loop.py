@@ -93,11 +93,11 @@ def setup(args: LoopArgs, rank: int, world: int) -> Run:
     torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # then per rank: dropout differs across ranks
     tracker = (Tracker(args.mlflow_uri, args.mlflow_run_id, Path(args.run_dir) / "mlflow_spool.jsonl") if rank == 0
                else Tracker(None, None))
-    state = {"step": 0, "micro": 0, "samples": 0, "corrupt": 0, "dropped": 0, "world": world}
+    state = {"step": 0, "micro": 0, "position": 0, "samples": 0, "corrupt": 0, "dropped": 0, "world": world}
     run = Run(args, rank, world, engine, T3DLoss(cfg.tma), tracker,
               torch.bfloat16 if eng.use_bf16(cfg) else torch.float32, state)
     run.index = build_index(cfg.data.shards, "train")
-    run.plan = Plan(sorted(run.index), world, cfg.train.batch_size, cfg.train.seed)
+    run.plan = Plan(sorted(run.index), cfg.train.batch_size, cfg.train.seed)
     if cfg.train.health_batch > 1:
         run.health = health_batch(cfg, tokenizer, engine.device)
         run.monitor = CollapseMonitor(cfg.train.collapse_cosine, cfg.train.collapse_patience)
@@ -127,8 +127,8 @@ def resume(run: Run) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         if run.rank == 0:
-            run.tracker.log({"data/unused_per_epoch": run.plan.unused_per_epoch,
-                             "data/steps_per_epoch": run.plan.steps_per_epoch / run.cfg.train.grad_accum}, 0)
+            run.tracker.log({"data/unused_per_epoch": run.plan.unused_per_epoch(run.world),
+                             "data/steps_per_epoch": run.plan.steps_per_epoch(run.world) / run.cfg.train.grad_accum}, 0)
         return
     with ckpt.as_directory() as d:
         bad = eng.verify_checkpoint(d)
@@ -145,6 +145,8 @@ def resume(run: Run) -> None:
             return
         run.state.update(eng.load(run.engine, older[0], run.rank))
         where = older[0]
+    if "position" not in run.state:           # a checkpoint from before positions were saved
+        run.state["position"] = run.plan.position_of(run.state["micro"], run.state.get("world") or run.world)
     run.state["world"] = run.world
     if run.rank == 0:
         print(f"[t3d] resumed from {where} at step {run.state['step']} (micro {run.state['micro']})", flush=True)
@@ -157,9 +159,9 @@ def batches(run: Run) -> Iterator[tuple[int, Batch | None]]:
     cfg, state = run.cfg, run.state
     total_micro = cfg.train.steps * cfg.train.grad_accum
     views = cfg.tma.enabled and cfg.data.views.n > 0
-    for b in rank_stream(run.index, run.plan, run.rank, state["micro"], total_micro - state["micro"], cfg.data,
-                         run.args.tokenizer_dir, cfg.model.text_unit):
-        micro = int(b["micro"][0])
+    for b in rank_stream(run.index, run.plan, run.rank, run.world, state["position"], state["micro"],
+                         total_micro - state["micro"], cfg.data, run.args.tokenizer_dir, cfg.model.text_unit):
+        micro, state["next_position"] = int(b["micro"][0]), int(b["position"][0])
         ok = b["ok"].astype(bool)
         for k, err in zip(b["key"][~ok], b["error"][~ok]):
             print(f"[t3d] rank {run.rank}: corrupt sample {k} skipped: {err}", flush=True)
@@ -248,7 +250,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if batch is not None:
             run.logs = train_step(run.engine, run.loss_fn, batch, cfg.data, run.dtype, cfg.train.augment_kernel)
             state["samples"] += len(batch) * run.world
-        state["micro"] = micro + 1
+        state["micro"], state["position"] = micro + 1, state.pop("next_position")
         if state["micro"] % cfg.train.grad_accum:
             continue
         state["step"] = step = state["micro"] // cfg.train.grad_accum

@@ -14,21 +14,35 @@ from data_service.views import N_PARAMS, MultiViewCrop, augment_report, shift_vo
 
 def test_plan_is_exact_and_resumable():
     keys = [f"k{i:03d}" for i in range(23)]
-    plan = Plan(keys, world=2, batch=3, seed=7)
-    assert plan.steps_per_epoch == 3 and plan.unused_per_epoch == 5
-    full = {r: plan.rank_keys(r, 0, 9) for r in range(2)}
+    plan = Plan(keys, batch=3, seed=7)
+    assert plan.steps_per_epoch(2) == 3 and plan.unused_per_epoch(2) == 5
+    full = {r: plan.rank_keys(r, 2, 0, 0, 9) for r in range(2)}
     for m in range(9):                                       # 3 epochs
-        step_keys = [k for r in range(2) for mm, k in full[r] if mm == m]
+        step_keys = [k for r in range(2) for mm, k, _ in full[r] if mm == m]
         assert len(step_keys) == len(set(step_keys)) == 6
     for epoch in range(3):
-        used = [k for r in range(2) for mm, k in full[r] if mm // 3 == epoch]
+        used = [k for r in range(2) for mm, k, _ in full[r] if mm // 3 == epoch]
         assert len(used) == len(set(used)) == 18             # no repeats within an epoch
-    assert [k for _, k in full[0][:9]] != [k for _, k in full[0][9:18]]   # reshuffled per epoch
-    # resuming at micro-step 4 gives exactly the tail of the uninterrupted plan
-    assert plan.rank_keys(1, 4, 5) == full[1][4 * 3:]
-    assert Plan(keys, 2, 3, 7).rank_keys(0, 0, 9) == full[0]            # deterministic
+    assert [k for _, k, _ in full[0][:9]] != [k for _, k, _ in full[0][9:18]]   # reshuffled per epoch
+    # resuming at micro-step 4 (its saved position) gives exactly the tail of the uninterrupted plan
+    pos = full[1][4 * 3 - 1][2]
+    assert pos == plan.position_of(4, 2) == 23 + 6             # epoch 1, 6 samples in
+    assert plan.rank_keys(1, 2, pos, 4, 5) == full[1][4 * 3:]
+    assert Plan(keys, 3, 7).rank_keys(0, 2, 0, 0, 9) == full[0]                  # deterministic
     with pytest.raises(ValueError, match="one global batch"):
-        _ = Plan(keys[:5], 2, 3, 0).steps_per_epoch
+        Plan(keys[:5], 3, 0).steps(2, 0, 1)
+
+
+def test_plan_continues_in_samples_when_the_world_changes():
+    """2 ranks for 2 micro-steps, then 1 rank from the saved position: the samples continue where
+    they stopped, none twice, none skipped (but the epoch's tail, which is too short for a batch)."""
+    keys = [f"k{i:03d}" for i in range(20)]
+    plan = Plan(keys, batch=2, seed=1)
+    first = plan.steps(2, 0, 2)                                # 8 samples
+    then = plan.steps(1, first[-1][0], 6)                     # 12 samples: the rest of epoch 0
+    seen = [k for _, ks in first + then for k in ks]
+    assert len(seen) == len(set(seen)) == 20 and seen == plan.epoch_order(0)
+    assert then[-1][0] == 20 and plan.steps(1, 20, 1)[0][1] == plan.epoch_order(1)[:2]
 
 
 def test_views_deterministic_per_seed():
@@ -73,7 +87,7 @@ def test_decode_actor_flags_corrupt_sample(phantom, debug_cfg, tmp_path):
     members = [dict(index[k]["members"]) for k in keys]
     off, size = members[1]["ct.bin"]
     members[1]["ct.bin"] = [off, size // 2]                   # a truncated member inside the shard
-    batch = {"key": np.array(keys), "micro": np.array([0, 0, 0]),
+    batch = {"key": np.array(keys), "micro": np.array([0, 0, 0]), "position": np.array([6, 6, 6]),
              "shard": np.array([index[k]["shard"] for k in keys]),
              "members": np.array([json.dumps(m) for m in members])}
     out = actor(batch)
