@@ -24,14 +24,13 @@ def volumes(cfg_path: Path, n: int) -> list[np.ndarray]:
     from common.config import load_config
     from data_service import synth
     from data_service.preprocess import load_canonical
+    from data_service.sources import discover
 
     cfg = load_config(cfg_path)
     with tempfile.TemporaryDirectory() as d:
         synth.generate(Path(d) / "raw", n, seed=0, valid_fraction=0.0, workers=2)
-        files = sorted((Path(d) / "raw").glob("train/*/*/*.nii.gz"))
-        # the CT-RATE metadata intercept is applied by the importer; here: only files stored in HU
-        return [load_canonical(f, cfg.data, {"rescale": (1.0, -1024.0)} if i % 3 == 1 else None).hu
-                for i, f in enumerate(files)]
+        studies, _ = discover("ctrate", Path(d) / "raw")      # the importer's reader args (rescale, spacing)
+        return [load_canonical(st.image, cfg.data, st.read_kw).hu for st in studies[:n]]
 
 
 def timed(fn, reps: int) -> float:

@@ -1,6 +1,6 @@
 """Local cluster: a Ray head (token auth, everything on 127.0.0.1) and an MLflow tracking server.
 
-    python -m cluster.local up [--num-cpus 8] [--mlflow-port 5000] [--dashboard-port 8265] [--nodes 2]
+    python -m cluster.local up [--num-cpus 8] [--mlflow-port 5000] [--dashboard-port 8265] [--nodes 2] [--worker-slots 1]
     python -m cluster.local add-node [--node-cpus 4]
     python -m cluster.local status
     python -m cluster.local down
@@ -25,6 +25,9 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
+
+
+SLOT = "train_slot"
 
 
 def state_dir(base: str | None = None) -> Path:
@@ -83,7 +86,10 @@ def start_mlflow(sd: Path, port: int, env: dict[str, str] | None = None) -> subp
 
 
 def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port: int,
-       object_store_mb: int) -> dict:
+       object_store_mb: int, worker_slots: int = 0) -> dict:
+    """Head + MLflow. ``worker_slots`` > 0: every node advertises that many ``train_slot``
+    resources (``ray.worker_resources={train_slot: 1}`` then places at most that many training
+    workers per node, as GPUs would)."""
     sd.mkdir(parents=True, exist_ok=True)
     st_file = sd / "state.json"
     if st_file.is_file():
@@ -104,18 +110,18 @@ def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port:
     cmd = [_bin("ray"), "start", "--head", f"--port={ray_port}", f"--node-ip-address={HOST}", *agent_ports,
            f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
            f"--object-store-memory={object_store_mb * 2**20}", f"--temp-dir={tmp}", "--disable-usage-stats",
-           "--include-dashboard=true"]
+           "--include-dashboard=true", *([f"--resources={json.dumps({SLOT: worker_slots})}"] if worker_slots else [])]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"ray start failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     proc = start_mlflow(sd, mlflow_port, env)
     st = {"ray_address": f"{HOST}:{ray_port}", "dashboard": f"http://{HOST}:{dashboard_port}",
           "mlflow_uri": f"http://{HOST}:{mlflow_port}", "mlflow_pid": proc.pid, "ray_temp_dir": str(tmp),
-          "marker": str(sd),
+          "marker": str(sd), "worker_slots": worker_slots,
           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     st_file.write_text(json.dumps(st, indent=1))
     try:
-        _wait(st["mlflow_uri"] + "/health", 120, "MLflow server")
+        _wait(st["mlflow_uri"] + "/health", 300, "MLflow server")   # slow to import on a busy machine
         _wait(st["dashboard"] + "/api/version", 60, "Ray dashboard")
         _wait_jobs(st, env, 120)
     except Exception:
@@ -136,7 +142,8 @@ def add_node(sd: Path, num_cpus: int, object_store_mb: int = 512) -> dict:
     env[MARKER], env["T3D_NODE"] = st["marker"], str(idx)
     base = _free_port()
     cmd = [_bin("ray"), "start", f"--address={st['ray_address']}", f"--node-ip-address={HOST}",
-           f"--num-cpus={num_cpus}", f"--resources={json.dumps({f'node{idx}': 1})}",
+           f"--num-cpus={num_cpus}",
+           f"--resources={json.dumps({f'node{idx}': 1, **({SLOT: st['worker_slots']} if st.get('worker_slots') else {})})}",
            f"--object-store-memory={object_store_mb * 2**20}", f"--node-manager-port={_free_port()}",
            f"--object-manager-port={_free_port()}", f"--min-worker-port={base % 40000 + 20000}",
            f"--max-worker-port={base % 40000 + 20100}", f"--dashboard-agent-listen-port={_free_port()}",
@@ -287,10 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--object-store-mb", type=int, default=1024)
     p.add_argument("--nodes", type=int, default=1, help="Ray nodes on this machine (the head + nodes-1 more)")
     p.add_argument("--node-cpus", type=int, default=4, help="logical CPUs of each extra node")
+    p.add_argument("--worker-slots", type=int, default=0, help=f"'{SLOT}' resources per node (0: none); "
+                   f"with ray.worker_resources={{{SLOT}: 1}} they bound the training workers per node")
     a = p.parse_args(argv)
     sd = state_dir(a.dir)
     if a.action == "up":
-        st = up(sd, a.num_cpus, a.mlflow_port, a.dashboard_port, a.ray_port, a.object_store_mb)
+        st = up(sd, a.num_cpus, a.mlflow_port, a.dashboard_port, a.ray_port, a.object_store_mb, a.worker_slots)
         for _ in range(len(st.get("nodes", [])) + 1, a.nodes):
             st = add_node(sd, a.node_cpus)
         print_usage(st)

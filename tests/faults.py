@@ -30,6 +30,28 @@ class KillWorkerAt(LoopCallback):
         os._exit(1)
 
 
+class RecordResume(LoopCallback):
+    """On resume, rank 0 writes what the engine holds then: the gathered fp32 weights
+    (``resumed_weights.safetensors``) and the optimizer's step and per-group lr (``resumed.json``)."""
+
+    def on_resume(self, run) -> None:
+        import json
+
+        from trainer.engine import full_fp32_state_dict
+
+        state = full_fp32_state_dict(run.engine)            # collective: every rank
+        if run.rank != 0:
+            return
+        from safetensors.torch import save_file
+
+        d = Path(run.args.run_dir)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(d / "resumed_weights.safetensors"))
+        (d / "resumed.json").write_text(json.dumps({
+            "global_steps": run.engine.global_steps, "world": run.world, "step": run.state["step"],
+            "lr": [float(g["lr"]) for g in run.engine.optimizer.param_groups],
+            "weight_decay": [float(g["weight_decay"]) for g in run.engine.optimizer.param_groups]}))
+
+
 def crash_once(ck: Path, task: str) -> None:
     """The evaluator actor's process dies before its first task of the run (once)."""
     marker = Path(ck).parent / "eval_crashed_once"

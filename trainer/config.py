@@ -148,6 +148,10 @@ class RayConfig:
     num_workers: int = 2                        # (the most, when elastic)
     min_workers: int = 0                        # > 0: elastic, between min_workers and num_workers
     placement_strategy: str = "PACK"            # "PACK" | "SPREAD" the workers over the nodes
+    # custom Ray resources each worker also needs, e.g. {"train_slot": 1} on nodes started with
+    # `cluster.local up --worker-slots 1`: on a CPU machine they stand in for GPUs, bounding the
+    # workers a node can hold (so an elastic run shrinks when a node is lost)
+    worker_resources: dict[str, float] = field(default_factory=dict)
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     max_failures: int = 1

@@ -29,7 +29,9 @@ def use_bf16(cfg: Config) -> bool:
     return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
 
 
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, universal: bool = False) -> dict[str, Any]:
+    """``universal``: the engine will load a universal checkpoint (``to_universal``): a resume
+    with another number of workers than the checkpoint was saved with."""
     t, on_gpu = cfg.train, torch.cuda.is_available() and cfg.ray.use_gpu
     zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage > 0:
@@ -51,6 +53,7 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
             "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"}},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        **({"checkpoint": {"load_universal": True}} if universal else {}),
     }
 
 
@@ -85,16 +88,49 @@ def ensure_process_group() -> None:
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def init_engine(model: torch.nn.Module, cfg: Config):
+def init_engine(model: torch.nn.Module, cfg: Config, universal: bool = False):
     """Wraps ``model``; reuses the torch.distributed group that Ray Train created (or a one-process
-    group outside Ray)."""
+    group outside Ray). ``universal``: see ``deepspeed_config``."""
     import deepspeed
 
     ensure_process_group()
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
-                                           config=deepspeed_config(cfg))
+                                           config=deepspeed_config(cfg, universal))
     return engine
+
+
+def to_universal(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
+    """DeepSpeed's ``ds_to_universal`` (in process, one worker) on ``ckpt_dir/TAG``: a checkpoint
+    that any number of ranks can load. Returns the folder to hand ``load(..., universal=...)``."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = Path(out_dir) / f"{TAG}_universal"
+    ds_to_universal(argparse.Namespace(
+        input_folder=str(Path(ckpt_dir) / TAG), output_folder=str(out), num_extract_workers=1,
+        num_merge_workers=1, keep_temp_folder=False, strict=True,
+        inject_missing_state=True))   # ZeRO-1/2 of a plain nn.Module saves no universal_checkpoint_info
+    return out
+
+
+def _fix_zero3_universal_groups(engine, saved_groups: list[dict[str, Any]]) -> None:
+    """Two DeepSpeed 0.19 ZeRO-3 universal-load bugs (found by comparing against an uninterrupted
+    run): every param group gets group 0's hyper-parameters (our groups differ in weight decay and
+    lr), and one ``step`` tensor object is shared by all flat groups, so AdamW advances it once per
+    group. Restore the groups' own values (lr from the resumed scheduler) and unshare the steps."""
+    from deepspeed.runtime.lr_schedules import update_lr
+
+    for g, saved in zip(engine.optimizer.param_groups, saved_groups):
+        g.update({k: v for k, v in saved.items() if k not in ("params", "lr")})
+    if engine.lr_scheduler is not None:
+        update_lr(engine.optimizer.param_groups, engine.lr_scheduler.get_lr())
+    base = engine.optimizer.optimizer
+    for p in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []):
+        st = base.state.get(p)
+        if st is not None and torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].clone()
 
 
 def rng_state() -> dict[str, Any]:
@@ -181,13 +217,23 @@ def verify_checkpoint(ckpt_dir: str | Path) -> str | None:
     return None
 
 
-def load(engine, ckpt_dir: str | Path, rank: int) -> dict[str, Any]:
+def load(engine, ckpt_dir: str | Path, rank: int, universal: Path | None = None) -> dict[str, Any]:
+    """Loads ``ckpt_dir`` into ``engine`` (built with ``universal=True`` when ``universal``, the
+    ``to_universal`` folder of a checkpoint saved by another number of ranks). Ranks the
+    checkpoint did not have take rank 0's buffers and a fresh RNG seeded by rank and step."""
     ckpt_dir = Path(ckpt_dir)
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
+    state = json.loads((ckpt_dir / "state.json").read_text())
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    load_dir, tag = (universal.parent, universal.name) if universal is not None else (ckpt_dir, TAG)
+    path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
-        raise FileNotFoundError(f"{ckpt_dir}: no DeepSpeed checkpoint with tag {TAG!r}")
+        raise FileNotFoundError(f"{load_dir}: no DeepSpeed checkpoint with tag {tag!r}")
+    if universal is not None and engine.zero_optimization_stage() == 3:
+        _fix_zero3_universal_groups(engine, groups)
     buf = ckpt_dir / f"buffers_rank{rank}.pt"
+    if not buf.is_file():
+        buf = ckpt_dir / "buffers_rank0.pt"
     if buf.is_file():
         saved = torch.load(buf, weights_only=True)
         with torch.no_grad():
@@ -197,7 +243,10 @@ def load(engine, ckpt_dir: str | Path, rank: int) -> dict[str, Any]:
     rng = ckpt_dir / f"rng_rank{rank}.pt"
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=True))
-    return json.loads((ckpt_dir / "state.json").read_text())
+    else:
+        seed = 7919 * (rank + 1) + int(state.get("step", 0))
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    return state
 
 
 def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from common.config import Config
 
+import contextlib
 import json
 import tempfile
 import time
@@ -42,6 +43,9 @@ class LoopCallback:
 
     def on_step(self, run: "Run") -> None:
         """After each optimizer step (and its log and checkpoint)."""
+
+    def on_resume(self, run: "Run") -> None:
+        """After a checkpoint was loaded, before the first step (every rank)."""
 
 
 @dataclass
@@ -81,15 +85,16 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------ phases
-def setup(args: LoopArgs, rank: int, world: int) -> Run:
-    """Seeds, tokenizer, model (identical init on every rank), DeepSpeed engine, tracker, health batch."""
+def setup(args: LoopArgs, rank: int, world: int, universal: bool = False) -> Run:
+    """Seeds, tokenizer, model (identical init on every rank), DeepSpeed engine (``universal``: it
+    will load a checkpoint saved by another number of workers), tracker, health batch."""
     from common.text import load_tokenizer
 
     cfg = args.cfg
     np.random.seed(cfg.train.seed + rank)
     tokenizer = load_tokenizer(args.tokenizer_dir)
     torch.manual_seed(cfg.train.seed)                      # identical init on every rank
-    engine = eng.init_engine(build_model(cfg, len(tokenizer)), cfg)
+    engine = eng.init_engine(build_model(cfg, len(tokenizer)), cfg, universal)
     torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # then per rank: dropout differs across ranks
     tracker = (Tracker(args.mlflow_uri, args.mlflow_run_id, Path(args.run_dir) / "mlflow_spool.jsonl") if rank == 0
                else Tracker(None, None))
@@ -118,38 +123,54 @@ def health_batch(cfg: Config, tokenizer, device) -> Batch:
                  params.to(device), enc["input_ids"].to(device), enc["attention_mask"].to(device))
 
 
-def resume(run: Run) -> None:
-    """Load the latest good checkpoint: the one Ray Train hands this attempt, or, when its files
-    do not match the checksums written with it (truncated, half-written), the newest earlier one
-    that does (every rank makes the same choice: they read the same storage)."""
-    import ray.train
+def pick_checkpoint(given: Path | None, given_path: str | None, run_dir: str, rank: int) -> Path | None:
+    """The checkpoint to resume from: the one Ray Train hands this attempt (``given``, a local
+    folder), or, when its files do not match the checksums written with it (truncated,
+    half-written), the newest earlier one in ``run_dir`` that does. Every rank makes the same
+    choice: they read the same storage."""
+    if given is None:
+        return None
+    bad = eng.verify_checkpoint(given)
+    if bad is None:
+        return Path(given)
+    older = [p for p in sorted(Path(run_dir).glob("step_*"), reverse=True)
+             if p.name < Path(given_path or given).name and eng.verify_checkpoint(p) is None]
+    if rank == 0:
+        print(f"[t3d] checkpoint {given_path} is damaged ({bad}); "
+              + (f"resuming from {older[0]}" if older else "no earlier good checkpoint: starting over"), flush=True)
+    return older[0] if older else None
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+
+def saved_world(source: Path | None) -> int | None:
+    if source is None:
+        return None
+    return json.loads((source / "state.json").read_text()).get("world")
+
+
+def resume(run: Run, source: Path | None) -> None:
+    """Load ``source`` (``pick_checkpoint``). Saved by another number of workers (an elastic
+    restart after a node was lost or added), it goes through DeepSpeed's universal checkpoint; the
+    data position is kept in samples, so the new world continues the same sample order."""
+    if source is None:
         if run.rank == 0:
             run.tracker.log({"data/unused_per_epoch": run.plan.unused_per_epoch(run.world),
                              "data/steps_per_epoch": run.plan.steps_per_epoch(run.world) / run.cfg.train.grad_accum}, 0)
         return
-    with ckpt.as_directory() as d:
-        bad = eng.verify_checkpoint(d)
-        if bad is None:
-            run.state.update(eng.load(run.engine, d, run.rank))
-            where = ckpt.path
-    if bad is not None:
-        older = [p for p in sorted(Path(run.args.run_dir).glob("step_*"), reverse=True)
-                 if p.name < Path(ckpt.path).name and eng.verify_checkpoint(p) is None]
+    before = saved_world(source) or run.world
+    if before != run.world:
         if run.rank == 0:
-            print(f"[t3d] checkpoint {ckpt.path} is damaged ({bad}); "
-                  + (f"resuming from {older[0]}" if older else "no earlier good checkpoint: starting over"), flush=True)
-        if not older:
-            return
-        run.state.update(eng.load(run.engine, older[0], run.rank))
-        where = older[0]
+            print(f"[t3d] {source.name} was saved by {before} worker(s), resuming on {run.world}: "
+                  "converting it to a DeepSpeed universal checkpoint", flush=True)
+        with tempfile.TemporaryDirectory(prefix="t3d-universal-") as tmp:
+            run.state.update(eng.load(run.engine, source, run.rank, universal=eng.to_universal(source, tmp)))
+    else:
+        run.state.update(eng.load(run.engine, source, run.rank))
     if "position" not in run.state:           # a checkpoint from before positions were saved
-        run.state["position"] = run.plan.position_of(run.state["micro"], run.state.get("world") or run.world)
+        run.state["position"] = run.plan.position_of(run.state["micro"], before)
     run.state["world"] = run.world
     if run.rank == 0:
-        print(f"[t3d] resumed from {where} at step {run.state['step']} (micro {run.state['micro']})", flush=True)
+        print(f"[t3d] resumed from {source} at step {run.state['step']} (micro {run.state['micro']}, "
+              f"sample {run.state['position']}, {before} -> {run.world} workers)", flush=True)
 
 
 def batches(run: Run) -> Iterator[tuple[int, Batch | None]]:
@@ -242,8 +263,15 @@ def train_loop(config: dict[str, Any]) -> None:
 
     args: LoopArgs = config["args"]
     ctx = ray.train.get_context()
-    run = setup(args, ctx.get_world_rank(), ctx.get_world_size())
-    resume(run)
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    given = ray.train.get_checkpoint()
+    with (given.as_directory() if given is not None else contextlib.nullcontext(None)) as d:
+        source = pick_checkpoint(Path(d) if d else None, given.path if given else None, args.run_dir, rank)
+        run = setup(args, rank, world, universal=saved_world(source) not in (None, world))
+        resume(run, source)
+    if source is not None:
+        for cb in args.callbacks:
+            cb.on_resume(run)
     cfg, state = run.cfg, run.state
     run.clock = (time.time(), state["samples"])
     for micro, batch in batches(run):

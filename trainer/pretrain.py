@@ -128,7 +128,7 @@ def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, r
         scaling_config=ScalingConfig(num_workers=((cfg.ray.min_workers, cfg.ray.num_workers) if cfg.ray.min_workers
                                                   else cfg.ray.num_workers),
                                      use_gpu=cfg.ray.use_gpu, placement_strategy=cfg.ray.placement_strategy,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **cfg.ray.worker_resources}),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.train.run_name, storage_path=cfg.train.output_dir,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),

@@ -66,3 +66,14 @@ def test_eval_section_is_checked():
         load_config(None, ["eval.seg_roi=[64,64]"])
     with pytest.raises(ConfigError, match="eval.every_n_checkpoints"):
         load_config(None, ["eval.every_n_checkpoints=0"])
+
+
+def test_elastic_settings_are_checked():
+    cfg = load_config("configs/debug.yaml", ["ray.min_workers=1", "ray.worker_resources={train_slot: 1}"])
+    assert (cfg.ray.min_workers, cfg.ray.num_workers, cfg.ray.worker_resources) == (1, 2, {"train_slot": 1.0})
+    with pytest.raises(ConfigError, match="ray.min_workers"):
+        load_config("configs/debug.yaml", ["ray.min_workers=3"])              # more than num_workers
+    with pytest.raises(ConfigError, match="ray.placement_strategy"):
+        load_config("configs/debug.yaml", ["ray.placement_strategy=EVERYWHERE"])
+    with pytest.raises(ConfigError, match="ray.worker_resources"):
+        load_config("configs/debug.yaml", ["ray.worker_resources=[1, 2]"])

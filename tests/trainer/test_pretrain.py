@@ -136,3 +136,46 @@ def test_crashing_evaluator_leaves_training_alone(ray_local, phantom, tmp_path):
     ledger = [json.loads(x) for x in (run_dir / "eval_ledger.jsonl").read_text().splitlines()]
     assert sorted((r["checkpoint"], r["error"]) for r in ledger) == [("step_0000002", None), ("step_0000004", None)]
 
+
+
+@pytest.mark.parametrize("stage,worlds", [(2, (2, 1, 2)), (3, (1, 2, 1))])
+def test_elastic_resume_across_world_sizes(ray_local, phantom, tmp_path, stage, worlds):
+    """A run checkpointed by W workers continues on another number (DeepSpeed universal
+    checkpoint): the weights the resumed engine holds are the saved ones, every param group keeps
+    its own lr and weight decay, the optimizer step continues, and the data continue at the same
+    sample: micro-step by micro-step the keys are the ``Plan``'s order at each world size."""
+    from safetensors.torch import load_file
+
+    from data_service.stream import Plan, build_index
+    from tests.faults import RecordResume
+
+    sets = {"deepspeed.zero_stage": stage, "train.checkpoint_every": 2, "train.text_lr_mult": 0.5}
+    ends = (2, 4, 6)
+    for i, (w, end) in enumerate(zip(worlds, ends)):
+        run = _fit(_cfg(phantom, tmp_path, "el", **sets, **{"ray.num_workers": w, "train.steps": end}),
+                   log_samples=True, callbacks=[RecordResume()])
+        if i == 0:
+            continue
+        got = json.loads((run / "resumed.json").read_text())
+        assert got["world"] == w and got["step"] == got["global_steps"] == ends[i - 1]
+        saved = load_file(str(run / f"step_{ends[i - 1]:07d}/export/model.safetensors"))
+        now = load_file(str(run / "resumed_weights.safetensors"))
+        assert saved.keys() == now.keys()
+        worst = max(float((saved[k].float() - now[k].float()).abs().max()) for k in saved)
+        assert worst == 0.0, f"{worlds[i - 1]} -> {w} workers: resumed weights differ by {worst}"
+        cfg = _cfg(phantom, tmp_path, "x")
+        assert sorted(set(got["weight_decay"])) == [0.0, cfg.train.weight_decay], got   # groups kept apart
+        assert all(lr > 0 for lr in got["lr"]) and len(set(got["lr"])) == 2, got       # text_lr_mult kept
+        st = json.loads((run / f"step_{end:07d}/state.json").read_text())
+        assert st["step"] == end and st["world"] == w
+    # the data: what each micro-step trained on is the plan's order continued at the new world size
+    plan = Plan(sorted(build_index(phantom / "shards", "train")), 2, cfg.train.seed)
+    expected, pos = [], 0
+    for w, end, start in zip(worlds, ends, (0,) + ends[:-1]):
+        for pos, keys in plan.steps(w, pos, end - start):
+            expected.append(sorted(keys))
+    got = _samples(run)
+    assert sorted(got) == list(range(ends[-1]))
+    assert [sorted(got[m]) for m in range(ends[-1])] == expected
+    if worlds[:2] == (2, 1):   # 6 train keys: epoch 1 is micro-step 1 (4 keys, 2 workers) + micro-step 2 (2, 1 worker)
+        assert sorted(got[1] + got[2]) == plan.keys

@@ -1,0 +1,75 @@
+"""Two Ray nodes on one machine: a job spreads its workers over both, the second node is killed
+mid-run, the run continues on the head alone (elastic, via a universal checkpoint) and finishes;
+`down` leaves no process behind."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cluster import local
+from tests.cluster.test_local import _belongs
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+
+def _ray(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _train_workers(st: dict, node: int) -> list:
+    return [p for p in local.node_procs(st, node) if "RayTrainWorker" in " ".join(p.cmdline() or [p.name()])]
+
+
+def test_second_node_lost_mid_run(phantom, tmp_path):
+    sd, out = tmp_path / "cluster", tmp_path / "runs"
+    st = local.up(sd, num_cpus=4, mlflow_port=5057, dashboard_port=8277, ray_port=6393, object_store_mb=400,
+                  worker_slots=1)
+    try:
+        st = local.add_node(sd, num_cpus=2)
+        assert [n["node"] for n in st["nodes"]] == [2]
+        sets = {"data.shards": phantom / "shards", "train.output_dir": out, "train.run_name": "job",
+                "train.steps": 8, "train.batch_size": 2, "train.checkpoint_every": 2, "train.log_every": 1,
+                "deepspeed.zero_stage": 2, "ray.num_workers": 2, "ray.min_workers": 1, "ray.max_failures": 3,
+                "ray.worker_resources": "{train_slot: 1}", "ray.placement_strategy": "SPREAD"}
+        cmd = ["job", "submit", "--no-wait", "--submission-id", "nodes-test", "--address", st["dashboard"],
+               "--working-dir", str(REPO), "--", "python", "-m", "trainer.pretrain", "--config", "configs/debug.yaml"]
+        for k, v in sets.items():
+            cmd += ["--set", f"{k}={v}"]
+        r = _ray(*cmd)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        # one training worker on each node (one train_slot each); once step 2 is checkpointed, node 2 dies
+        deadline = time.time() + 600
+        seen_on_2 = False
+        while not (out / "job" / "step_0000002" / "state.json").is_file():
+            assert time.time() < deadline, _ray("job", "logs", "nodes-test", "--address", st["dashboard"]).stdout[-4000:]
+            seen_on_2 = seen_on_2 or bool(_train_workers(st, 2))
+            time.sleep(1)
+        assert seen_on_2 or _train_workers(st, 2), "no training worker ran on node 2"
+        assert local.kill_node(st, 2) > 0
+        while True:
+            s = _ray("job", "status", "nodes-test", "--address", st["dashboard"]).stdout
+            if any(w in s for w in ("SUCCEEDED", "FAILED", "STOPPED")):
+                break
+            assert time.time() < deadline + 300, s
+            time.sleep(3)
+        logs = _ray("job", "logs", "nodes-test", "--address", st["dashboard"]).stdout
+        assert "SUCCEEDED" in s, logs[-5000:]
+        assert "resuming on 1" in logs, logs[-5000:]                  # went through the universal checkpoint
+        final = json.loads((out / "job" / "step_0000008" / "state.json").read_text())
+        assert final["step"] == 8 and final["world"] == 1
+        summary = json.loads((out / "job" / "summary.json").read_text())
+        assert summary["error"] is None and summary["checkpoints"][-1] == "step_0000008"
+    finally:
+        local.down(sd)
+    import psutil
+
+    left = [p for p in psutil.process_iter(["name"]) if _belongs(p, st)]
+    assert not left, [p.info["name"] for p in left]
