@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from common.config import add_config_args, load_config, load_object, save_config
@@ -53,11 +54,28 @@ def prepare_tokenizer(cfg: Config, run_dir: Path) -> str:
     return str(out)
 
 
-def mlflow_run(cfg: Config, run_dir: Path) -> tuple[str | None, str | None]:
-    """(tracking uri, run id); the id is kept in the run folder so resumes log to the same run."""
+def mlflow_run(cfg: Config, run_dir: Path, waits: tuple[float, ...] = (10.0, 30.0, 60.0)) -> tuple[str | None, str | None]:
+    """(tracking uri, run id); the id is kept in the run folder so resumes log to the same run.
+    An MLflow server that does not answer is retried after each of ``waits`` seconds; then the run
+    trains untracked (a warning says so) rather than not at all."""
     uri = cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return None, None
+    for wait in (*waits, None):
+        try:
+            return _mlflow_run(cfg, run_dir, uri)
+        except Exception as e:  # noqa: BLE001 - MLflow's errors are many (HTTP, timeouts, REST)
+            if wait is None:
+                print(f"[t3d] WARNING: MLflow at {uri} did not answer ({type(e).__name__}: {str(e)[:200]}); "
+                      "training WITHOUT tracking. Metrics are still printed and saved with each checkpoint.",
+                      flush=True)
+                return None, None
+            print(f"[t3d] MLflow at {uri} did not answer ({type(e).__name__}); retrying in {wait:.0f} s", flush=True)
+            time.sleep(wait)
+    return None, None
+
+
+def _mlflow_run(cfg: Config, run_dir: Path, uri: str) -> tuple[str, str]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
