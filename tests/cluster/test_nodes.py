@@ -53,16 +53,16 @@ def test_second_node_lost_mid_run(phantom, tmp_path):
         # written, node 2 dies without warning
         deadline = time.time() + 600
 
-        def saved_worlds() -> dict[str, int]:
-            worlds = {}
-            for f in sorted((out / "job").glob("step_*/state.json")):
-                try:
-                    worlds[f.parent.name] = json.loads(f.read_text())["world"]
-                except (OSError, ValueError, KeyError):
-                    pass                                   # being written
-            return worlds
+        def latest_registered_world() -> int | None:
+            """The world size of the newest checkpoint Ray Train has registered (what a restart loads)."""
+            try:
+                snap = json.loads((out / "job" / "checkpoint_manager_snapshot.json").read_text())
+                name = snap["checkpoint_results"][-1]["checkpoint_dir_name"]
+                return json.loads((out / "job" / name / "state.json").read_text())["world"]
+            except (OSError, ValueError, KeyError, IndexError):
+                return None                                # not yet, or being written
 
-        while 2 not in saved_worlds().values():
+        while latest_registered_world() != 2:
             assert time.time() < deadline, _ray("job", "logs", "nodes-test", "--address", st["dashboard"]).stdout[-4000:]
             time.sleep(1)
         assert _train_workers(st, 2), "no training worker on node 2"
@@ -74,6 +74,7 @@ def test_second_node_lost_mid_run(phantom, tmp_path):
             assert time.time() < deadline + 600, s
             time.sleep(3)
         logs = _ray("job", "logs", "nodes-test", "--address", st["dashboard"]).stdout
+        (tmp_path / "job.log").write_text(logs)
         assert "succeeded" in s, logs[-5000:]
         assert "saved by 2 worker(s), resuming on 1" in logs, logs[-5000:]   # through the universal checkpoint
         final = json.loads((out / "job" / "step_0000040" / "state.json").read_text())
