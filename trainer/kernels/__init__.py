@@ -15,21 +15,30 @@ from __future__ import annotations
 import torch
 
 
+def _use_triton(kernel: str, key: str, module, x: torch.Tensor) -> bool:
+    """False for ``auto``/``torch`` (the reference runs); True when the fused kernel in ``module``
+    can run on ``x``; a clear error naming ``key`` otherwise."""
+    if kernel in ("torch", "auto"):
+        return False
+    if kernel != "triton":
+        raise ValueError(f"{key}: {kernel!r} is not one of ['auto', 'torch', 'triton']")
+    from trainer.kernels import token_region as tr  # imports without triton; tr.triton is then None
+
+    if module.triton is None:
+        raise ImportError(f"{key}=triton needs the triton package: pip install 't3d[kernels]'")
+    if not tr.available(x):
+        raise RuntimeError(f"{key}=triton: the fused kernel runs on CUDA tensors (or on the CPU with "
+                           f"TRITON_INTERPRET=1, for tests); got a tensor on {x.device}. Use {key}=auto or torch here")
+    return True
+
+
 def token_cosines(regions: torch.Tensor, tokens: torch.Tensor, attn_temperature: float,
                   kernel: str = "auto") -> torch.Tensor | None:
     """(Bi,N,D), (Bt,L,D) -> (Bi,Bt,L) from the fused kernel, or None: use the reference."""
-    if kernel in ("torch", "auto"):
-        return None
-    if kernel != "triton":
-        raise ValueError(f"tma.kernel: {kernel!r} is not one of ['auto', 'torch', 'triton']")
-    from trainer.kernels import token_region as tr  # imports without triton; tr.triton is then None
+    from trainer.kernels import token_region as tr
 
-    if tr.triton is None:
-        raise ImportError("tma.kernel=triton needs the triton package: pip install 't3d[kernels]'")
-    if not tr.available(regions):
-        raise RuntimeError(f"tma.kernel=triton: the fused kernel runs on CUDA tensors (or on the CPU with "
-                           f"TRITON_INTERPRET=1, for tests); got a tensor on {regions.device}. "
-                           "Use tma.kernel=auto or torch here")
+    if not _use_triton(kernel, "tma.kernel", tr, regions):
+        return None
     return tr.token_cosines(regions, tokens, attn_temperature)
 
 
@@ -38,17 +47,8 @@ def augment(x: torch.Tensor, params: torch.Tensor, window, kernel: str = "auto")
     ``kernel`` (``train.augment_kernel``): as ``tma.kernel``; ``auto`` runs the reference (the fused
     kernel's parity is proven in the interpreter; it has not run on a GPU here)."""
     from trainer.augment import augment_reference
-
-    if kernel in ("torch", "auto"):
-        return augment_reference(x, params, window)
-    if kernel != "triton":
-        raise ValueError(f"train.augment_kernel: {kernel!r} is not one of ['auto', 'torch', 'triton']")
     from trainer.kernels import augment_kernel as ka
-    from trainer.kernels import token_region as tr
 
-    if ka.triton is None:
-        raise ImportError("train.augment_kernel=triton needs the triton package: pip install 't3d[kernels]'")
-    if not tr.available(x):
-        raise RuntimeError(f"train.augment_kernel=triton: the fused kernel runs on CUDA tensors (or on the CPU "
-                           f"with TRITON_INTERPRET=1, for tests); got a tensor on {x.device}")
+    if not _use_triton(kernel, "train.augment_kernel", ka, x):
+        return augment_reference(x, params, window)
     return ka.augment(x, params, window)
