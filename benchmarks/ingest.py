@@ -25,11 +25,11 @@ def _rss_mb() -> dict[str, float]:
             "worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
-def run_ours(raw: str, workers: int) -> dict:
+def run_ours(raw: str, workers: int, cfg_path: str) -> dict:
     from common.config import load_config
     from data_service import ingest
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/debug.yaml")
+    cfg = load_config(cfg_path)
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
         man = ingest.run("ctrate", raw, out, cfg.data, workers=workers, progress=False)
@@ -56,7 +56,7 @@ def run_monai(raw: str, workers: int, cfg_path: str) -> dict:
     files = [{"image": str(p)} for p in sorted(Path(raw).glob("*/*/*/*.nii.gz")) if "segmentations" not in str(p)]
     tf = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS"),
                   Spacingd("image", pixdim=cfg.spacing, mode="bilinear"),
-                  ScaleIntensityRanged("image", a_min=-1000, a_max=1000, b_min=0.0, b_max=1.0, clip=True),
+                  ScaleIntensityRanged("image", a_min=cfg.hu_window[0], a_max=cfg.hu_window[1], b_min=0.0, b_max=1.0, clip=True),
                   Resized("image", spatial_size=cfg.size)])
     dl = DataLoader(Dataset(files, tf), batch_size=1, num_workers=workers,
                     multiprocessing_context="spawn" if workers else None)

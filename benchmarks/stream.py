@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(REPO / "configs/t3d.yaml"))
     p.add_argument("--n", type=int, default=12)
     p.add_argument("--views", type=int, default=2)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=6)
     p.add_argument("--ray", action="store_true", help="also the Ray Data actor pool path")
     p.add_argument("--zero", action="store_true", help="also trainer samples/s per ZeRO stage (debug)")
     p.add_argument("--one", choices=["ours", "monai"], help=argparse.SUPPRESS)

@@ -126,8 +126,8 @@ class DecodeCrop:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         d, v = self.data, self.data.views
         n = len(batch["key"])
-        image = np.zeros((n, 1, *d.size), np.int16)
-        views = np.zeros((n, v.n, 1, *v.size), np.int16)
+        image = np.empty((n, 1, *d.size), np.int16)            # every row is written below (zeros if it failed)
+        views = np.empty((n, v.n, 1, *v.size), np.int16)
         params = np.zeros((n, 1 + v.n, N_PARAMS), np.float64)
         reports, errors = [], []
         ok = np.ones(n, np.int8)
@@ -141,6 +141,7 @@ class DecodeCrop:
                 errors.append("")
             except (CorruptSample, OSError, ValueError) as e:
                 ok[i] = 0
+                image[i], views[i] = 0, 0
                 reports.append("")
                 errors.append(str(e)[:500])
         enc = encode_reports(self.tok, reports, self.text_unit, d.max_text_tokens, d.max_sentences,
