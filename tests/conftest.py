@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,18 @@ def phantom24(tmp_path_factory, debug_cfg):
     ingest.run("ctrate", str(root / "raw"), str(root / "shards"), debug_cfg.data, workers=2, progress=False)
     texts = [s["report"] for s in iter_split(root / "shards", "train", decode_ct=False)]
     return root / "shards", texts
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    from cluster.local import HOST, _free_port, _wait, start_mlflow
+
+    port = _free_port()
+    proc = start_mlflow(tmp_path_factory.mktemp("mlflow"), port)
+    uri = f"http://{HOST}:{port}"
+    try:
+        _wait(uri + "/health", 120, "MLflow server")
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

@@ -3,30 +3,13 @@ MLflow server on loopback."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 
 import numpy as np
 import pytest
 
 from common.labels import FINDINGS
 from tests.evaluators.test_tasks import _plain_export
-
-
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    from cluster.local import HOST, _free_port, _wait, start_mlflow
-
-    port = _free_port()
-    proc = start_mlflow(tmp_path_factory.mktemp("mlflow"), port)
-    uri = f"http://{HOST}:{port}"
-    try:
-        _wait(uri + "/health", 120, "MLflow server")
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR (pycocoevalcap) needs a Java runtime")

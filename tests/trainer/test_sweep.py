@@ -40,7 +40,7 @@ def test_values_of_the_wrong_type_are_rejected_before_anything_runs():
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_tiny_sweep_best_config_and_resume(phantom24, tmp_path):
+def test_tiny_sweep_best_config_and_resume(phantom24, tmp_path, mlflow_uri):
     import ray
 
     from trainer import sweep
@@ -50,7 +50,8 @@ def test_tiny_sweep_best_config_and_resume(phantom24, tmp_path):
     sets = [f"data.shards={shards}", f"train.output_dir={tmp_path}", "train.steps=2", "train.checkpoint_every=1",
             "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1", "train.health_batch=4",
             "sweep.name=tiny", "sweep.space={tma.w_local: {grid: [0.5, 1.0]}}", "sweep.num_samples=1",
-            "sweep.max_concurrent_trials=2", "sweep.grace_checkpoints=1", "ray.num_cpus=6"]
+            "sweep.max_concurrent_trials=2", "sweep.grace_checkpoints=1", "ray.num_cpus=6",
+            f"tracking.mlflow_uri={mlflow_uri}", "tracking.experiment=sweep-test"]
     cfg = load_config(REPO / "configs/sweep_phantom.yaml", sets)
     try:
         out = sweep.run(cfg)
@@ -68,6 +69,22 @@ def test_tiny_sweep_best_config_and_resume(phantom24, tmp_path):
         assert len(ckpts) == 4
         state = json.loads((sorted(ckpts)[-1] / "state.json").read_text())
         assert state["step"] in (1, 2)
+        # MLflow: one parent run with the table, the plot and the best config; a nested child run
+        # per trial with its swept value and its loss curve; the best checkpoint registered
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(mlflow_uri)
+        parent = client.get_run(out["mlflow_run_id"])
+        assert parent.info.status == "FINISHED"
+        assert {"results.csv", "score_vs_knobs.png", "best_config.yaml", "results_table.json"} <= {
+            f.path for f in client.list_artifacts(parent.info.run_id)}
+        children = client.search_runs([parent.info.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert sorted(float(c.data.params["tma.w_local"]) for c in children) == [0.5, 1.0]
+        for c in children:
+            assert [h.step for h in client.get_metric_history(c.info.run_id, "loss/loss")] == [1, 2]
+        mv = client.get_model_version_by_alias("tiny", "best")
+        assert mv.tags["trial"] == str(out["best"]["trial"]) and mv.run_id in {c.info.run_id for c in children}
         # a resumed sweep has nothing left to run: no trial reruns, no new checkpoint
         again = sweep.run(cfg, resume=True)
         assert sorted((r["trial"], r["best step"]) for r in again["rows"]) == sorted((r["trial"], r["best step"]) for r in rows)
