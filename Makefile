@@ -49,8 +49,9 @@ status:
 	$(BIN)/python -m cluster.local status
 
 bench: install
-	$(BIN)/python -m benchmarks.ingest
-	$(BIN)/python -m benchmarks.stream
+	for c in configs/t3d.yaml configs/debug.yaml; do \
+	  $(BIN)/python -m benchmarks.ingest --config $$c && $(BIN)/python -m benchmarks.stream --config $$c || exit 1; done
+	$(BIN)/python -m benchmarks.codec --config configs/t3d.yaml
 	$(BIN)/python -m benchmarks.kernels
 
 demo-clean: down
