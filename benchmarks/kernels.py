@@ -1,10 +1,15 @@
-"""Fused token-region kernel vs its PyTorch reference: time and peak memory, forward + backward.
+"""Fused kernels vs their PyTorch references: time, peak memory and the largest difference.
 
-    python -m benchmarks.kernels [--bi 8 --bt 64 --l 256 --n 32 --d 256 --iters 20]
+    python -m benchmarks.kernels [--bi 8 --bt 64 --l 256 --n 32 --d 256 --iters 20] [--volumes 8]
 
-Needs a CUDA GPU for numbers (the defaults are the paper preset's local alignment: 8 images per
-worker against 8 workers x 8 reports, 256 tokens, 32 regions per 128x128x64 view, 256-d). On a
-machine without one it checks parity at a small size in Triton's interpreter and says so.
+- token-region attention (``tma.kernel``), forward + backward. The defaults are the paper preset's
+  local alignment: 8 images per worker against 8 workers x 8 reports, 256 tokens, 32 regions per
+  128x128x64 view, 256-d.
+- device-side augmentation (``train.augment_kernel``) of one paper-grid micro-batch: ``--volumes``
+  int16 volumes of 256x256x128 and two 128x128x64 views each, window + flips + jitter + noise.
+
+Needs a CUDA GPU for numbers. On a machine without one it checks parity at a small size in
+Triton's interpreter and says so.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ def _run(fn, r, t, m, iters: int, cuda: bool):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0])
-    for k, v in (("bi", 8), ("bt", 64), ("l", 256), ("n", 32), ("d", 256), ("iters", 20)):
+    for k, v in (("bi", 8), ("bt", 64), ("l", 256), ("n", 32), ("d", 256), ("iters", 20), ("volumes", 8)):
         p.add_argument(f"--{k}", type=int, default=v)
     a = p.parse_args(argv)
     import torch
@@ -67,7 +72,50 @@ def main(argv=None) -> int:
     print(f"reference  {tr * 1e3:8.2f} ms/iter  peak {mr / 2**20:8.1f} MiB")
     print(f"fused      {tf * 1e3:8.2f} ms/iter  peak {mf / 2**20:8.1f} MiB")
     print(f"ratio      speed x{tr / tf:.2f}  memory x{mf / mr:.2f} (fused / reference)")
-    return 0 if err < 1e-4 else 1
+    ok = err < 1e-4
+    return 0 if bench_augment(a.volumes, a.iters) and ok else 1
+
+
+def bench_augment(volumes: int, iters: int) -> bool:
+    """Reference vs fused augmentation on a paper-grid micro-batch; True when they agree to 1e-5."""
+    import torch
+
+    from trainer.augment import augment_reference
+    from trainer.kernels import augment
+
+    g = torch.Generator().manual_seed(0)
+    window = (-1000.0, 1000.0)
+    out = []
+    for shape in ((volumes, 1, 256, 256, 128), (2 * volumes, 1, 128, 128, 64)):
+        n = shape[0]
+        x = torch.randint(-1200, 3200, shape, generator=g, dtype=torch.int16).cuda()
+        p = torch.zeros(n, 7, dtype=torch.float64)
+        p[:, :3] = torch.randint(0, 2, (n, 3), generator=g).double()
+        p[:, 3], p[:, 4], p[:, 5] = 1.05, -0.02, 0.02
+        p[:, 6] = torch.arange(n, dtype=torch.float64) * 7919
+        p = p.cuda()
+        err = (augment(x, p, window, "triton") - augment_reference(x, p, window)).abs().max().item()
+        times = {}
+        for name, fn in (("reference", lambda: augment_reference(x, p, window)),
+                         ("fused", lambda: augment(x, p, window, "triton"))):
+            fn()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+            times[name] = ((time.perf_counter() - t0) / iters, torch.cuda.max_memory_allocated() - base)
+        (tr, mr), (tf, mf) = times["reference"], times["fused"]
+        gb = x.numel() * (2 + 4) / 1e9                          # int16 read + float32 written, at least
+        print(f"augment {tuple(shape)}: max |fused - reference| = {err:.2e}")
+        print(f"  reference {tr * 1e3:8.2f} ms  peak +{mr / 2**20:8.1f} MiB")
+        print(f"  fused     {tf * 1e3:8.2f} ms  peak +{mf / 2**20:8.1f} MiB  ({gb / tf:.0f} GB/s of int16 in + "
+              f"float32 out)")
+        print(f"  ratio     speed x{tr / tf:.2f}  memory x{mf / mr:.2f} (fused / reference)")
+        out.append(err < 1e-5)
+    return all(out)
 
 
 if __name__ == "__main__":

@@ -44,9 +44,7 @@ def deepspeed_config(cfg: Config, universal: bool = False) -> dict[str, Any]:
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": use_bf16(cfg)},
-        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay,
-                                                  "betas": [0.9, 0.98], "eps": 1e-6,
-                                                  "torch_adam": not on_gpu}},
+        "optimizer": {"type": "AdamW", "params": adamw_params(cfg, on_gpu)},
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": max(t.steps, t.warmup_steps + 1),  # DeepSpeed needs >= 1 warmup step
             "warmup_num_steps": max(1, t.warmup_steps),
@@ -55,6 +53,19 @@ def deepspeed_config(cfg: Config, universal: bool = False) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         **({"checkpoint": {"load_universal": True}} if universal else {}),
     }
+
+
+def adamw_params(cfg: Config, on_gpu: bool) -> dict[str, Any]:
+    """PyTorch's AdamW everywhere (``torch_adam``), its fused CUDA kernel on a GPU: DeepSpeed's own
+    FusedAdam would JIT-compile a CUDA op (nvcc + ninja, about a minute) on every fresh worker. With
+    the optimizer offloaded to the CPU, DeepSpeed's CPU Adam (its op is built for that case)."""
+    t = cfg.train
+    offload = cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage > 0
+    p: dict[str, Any] = {"lr": t.lr, "weight_decay": t.weight_decay, "betas": [0.9, 0.98], "eps": 1e-6,
+                         "torch_adam": not (on_gpu and offload)}
+    if on_gpu and not offload:
+        p["fused"] = True
+    return p
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
@@ -71,8 +82,8 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
 
 
 def ensure_process_group() -> None:
-    """A one-process gloo group when none exists (single-process runs and tests), so that the same
-    DeepSpeed engine serves them as serves the Ray Train workers."""
+    """A one-process group when none exists (single-process runs, tests, ``benchmarks.train_step``):
+    NCCL on a GPU, else gloo, so that the same DeepSpeed engine serves them as the Ray Train workers."""
     import socket
 
     import torch.distributed as dist
@@ -85,7 +96,7 @@ def ensure_process_group() -> None:
     for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"), ("WORLD_SIZE", "1"),
                  ("LOCAL_RANK", "0")):
         os.environ.setdefault(k, v)
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
 
 
 def init_engine(model: torch.nn.Module, cfg: Config, universal: bool = False):
@@ -94,6 +105,9 @@ def init_engine(model: torch.nn.Module, cfg: Config, universal: bool = False):
     import deepspeed
 
     ensure_process_group()
+    if torch.cuda.is_available():
+        # fixed input shapes (the canonical grid, the view size): cuDNN picks its fastest 3D convolutions once
+        torch.backends.cudnn.benchmark = True
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
                                            config=deepspeed_config(cfg, universal))

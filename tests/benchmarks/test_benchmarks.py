@@ -27,3 +27,19 @@ def test_stream_benchmark_runs_both_sides(capsys):
     assert n > 0 and n % 2 == 0, out                                # reps x the train split
     assert re.search(r"stream, 2 views, debug\.yaml: ours [\d.]+ vs MONAI [\d.]+ volumes/s per core, ratio x\d+\.\d\d",
                      out), out
+
+
+def test_train_step_benchmark_counts_flops_per_stage(capsys):
+    """The GPU throughput benchmark (benchmarks/gpu.sh) on the CPU at the debug grid: every run spec
+    trains, and the printed MFU rests on a FLOP count that scales with the batch."""
+    from benchmarks import train_step
+
+    assert train_step.main(["--config", str(REPO / "configs/debug.yaml"), "--runs", "0", "2+b2",
+                            "--steps", "1", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^run\s+(\S+): batch (\d+) .* ([\d.]+) samples/s .* loss ([\d.]+)$", out, re.M)
+    assert [(r[0], r[1]) for r in rows] == [("0", "4"), ("2+b2", "2")], out
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows), out
+    flops = float(re.search(r"model FLOPs per sample \(fwd\+bwd\): ([\d.e+-]+) TFLOP", out).group(1))
+    assert 1e-4 < flops < 1e-1, out                        # the debug model at 80x80x40: a few GFLOP
+    assert train_step.main(["--config", str(REPO / "configs/debug.yaml"), "--runs", "9"]) == 1   # bad stage: reported

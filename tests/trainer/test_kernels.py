@@ -1,4 +1,5 @@
-"""Fused Triton kernels against their PyTorch references (run on the CPU with TRITON_INTERPRET=1)."""
+"""Fused Triton kernels against their PyTorch references: on the CPU with TRITON_INTERPRET=1 (CI, via
+tests/conftest.py), compiled on CUDA where a GPU is (``pytest --noconftest tests/trainer/test_kernels.py``)."""
 from __future__ import annotations
 
 import os
@@ -11,24 +12,25 @@ from trainer.config import TMAConfig
 from trainer.losses import local_alignment_loss, token_region_similarity
 
 pytest.importorskip("triton", reason="the kernels need triton (pip install 't3d[kernels]')")
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 def _inputs(bi, bt, l, n, d, seed=0):
     g = torch.Generator().manual_seed(seed)
-    r = F.normalize(torch.randn(bi, n, d, generator=g), dim=-1).requires_grad_()
-    t = F.normalize(torch.randn(bt, l, d, generator=g), dim=-1).requires_grad_()
+    r = F.normalize(torch.randn(bi, n, d, generator=g), dim=-1).to(DEV).requires_grad_()
+    t = F.normalize(torch.randn(bt, l, d, generator=g), dim=-1).to(DEV).requires_grad_()
     m = (torch.rand(bt, l, generator=g) > 0.3).float()
     m[:, 0] = 1.0
-    return r, t, m
+    return r, t, m.to(DEV)
 
 
 @pytest.mark.parametrize("pool", ["mean", "lse"])
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7, 8), (3, 2, 70, 18, 24), (1, 4, 16, 32, 64)])
 def test_token_region_parity(shape, pool):
     """Forward and both gradients match the reference: odd sizes, several token blocks (L=70)."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     r, t, m = _inputs(*shape)
-    w = torch.randn(shape[0], shape[1], generator=torch.Generator().manual_seed(1))
+    w = torch.randn(shape[0], shape[1], generator=torch.Generator().manual_seed(1)).to(DEV)
     out = {}
     for k in ("triton", "torch"):
         s = token_region_similarity(r, t, m, 0.07, pool, kernel=k)
@@ -48,6 +50,7 @@ def test_local_loss_same_with_kernel():
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
+@pytest.mark.skipif(DEV != "cpu", reason="checks the CPU's choices (auto = reference, triton refused)")
 def test_kernel_choice(monkeypatch):
     from trainer.kernels import token_region
 
@@ -82,8 +85,9 @@ def test_augment_kernel_parity(shape):
     p[:, 4] = 0.2 * torch.rand(n, generator=g, dtype=torch.float64) - 0.1
     p[:, 5] = torch.tensor([0.02, 0.0, 0.1][:n], dtype=torch.float64)
     p[:, 6] = torch.tensor([3.0, 2.0**31 - 2, 12345.0][:n], dtype=torch.float64)
+    x, p = x.to(DEV), p.to(DEV)
     ref = augment_reference(x, p, (-1000.0, 1000.0))
     out = augment(x, p, (-1000.0, 1000.0), kernel="triton")
     assert out.dtype == torch.float32 and out.shape == shape
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (out - ref).abs().max()
-    assert torch.equal(augment(x, p, (-1000.0, 1000.0), kernel="auto"), ref)     # auto on the CPU: the reference
+    assert torch.equal(augment(x, p, (-1000.0, 1000.0), kernel="auto"), ref)     # auto: the reference

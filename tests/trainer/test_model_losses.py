@@ -140,6 +140,31 @@ def test_no_nan_at_low_precision_boundaries(dtype):
     assert torch.isfinite(loss) and torch.isfinite(ent)
 
 
+def test_batchnorm_with_bf16_params_and_fp32_buffers():
+    """DeepSpeed's bf16 casts parameters but keeps buffers fp32: BatchNorm's running statistics
+    then stay fp32 (the paper preset failed on an H200 with 'Expected running_mean to have type
+    BFloat16'). The encoder must run and update its statistics as the fp32 model does."""
+    import copy
+
+    cfg = load_config(REPO / "configs/debug.yaml", ["model.image_norm=batch"])
+    torch.manual_seed(0)
+    ref = build_model(cfg, 64).train()
+    low = copy.deepcopy(ref)
+    for p in low.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    x = torch.randn(2, 1, 40, 40, 20)
+    g_ref = ref.image(x)[0]
+    g_low = low.image(x.to(torch.bfloat16))[0]
+    assert g_low.dtype == torch.bfloat16
+    assert torch.allclose(g_low.float(), g_ref, atol=0.05, rtol=0.05), (g_low.float() - g_ref).abs().max()
+    bn_ref, bn_low = ref.image.net.bn1, low.image.net.bn1
+    assert bn_low.running_mean.dtype == torch.float32 and int(bn_low.num_batches_tracked) == 1
+    assert torch.allclose(bn_low.running_var, bn_ref.running_var, rtol=0.02)
+    assert not torch.equal(bn_low.running_mean, torch.zeros_like(bn_low.running_mean))
+    g_low.float().sum().backward()
+    assert bn_low.weight.grad is not None and bn_low.weight.grad.dtype == torch.bfloat16
+
+
 def test_paper_scale_parameter_count():
     cfg = load_config(REPO / "configs/t3d.yaml")
     with torch.device("meta"):

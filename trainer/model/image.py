@@ -19,6 +19,29 @@ def norm_layer(kind: str):
     raise ValueError(f"model.image_norm: {kind!r} is not one of ['batch', 'group', 'instance']")
 
 
+class MixedBatchNorm3d(nn.BatchNorm3d):
+    """BatchNorm whose running statistics may stay float32 while its input and affine parameters are
+    bf16 (DeepSpeed's bf16 casts parameters, not buffers): normalises in the kernels' mixed mode
+    (reduced-precision input, float32 statistics and affine), as autocast would."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rm = self.running_mean
+        if rm is None or self.weight is None or self.weight.dtype == rm.dtype:
+            return super().forward(x)
+        import torch.nn.functional as F
+
+        self._check_input_dim(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or self.running_mean is None
+        return F.batch_norm(x, rm if not self.training or self.track_running_stats else None,
+                            self.running_var if not self.training or self.track_running_stats else None,
+                            self.weight.to(rm.dtype), self.bias.to(rm.dtype), use_batch, momentum, self.eps)
+
+
 class ImageEncoder(nn.Module):
     """MONAI ``ResNet`` (ResNet-50 in the paper preset, a tiny basic-block net in ``debug``);
     ``forward`` returns (global (B, C), local (B, N, C), grid (d, h, w))."""
@@ -31,6 +54,9 @@ class ImageEncoder(nn.Module):
                           block_inplanes=list(cfg.image_widths), spatial_dims=3, n_input_channels=1,
                           conv1_t_size=cfg.conv1_size, conv1_t_stride=cfg.conv1_stride, no_max_pool=cfg.no_max_pool,
                           feed_forward=False, norm=norm_layer(cfg.image_norm))
+        for m in self.net.modules():
+            if type(m) is nn.BatchNorm3d:
+                m.__class__ = MixedBatchNorm3d        # same state; see MixedBatchNorm3d
         expansion = 4 if cfg.image_block == "bottleneck" else 1
         self.out_dim = cfg.image_widths[-1] * expansion
 
