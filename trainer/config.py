@@ -32,6 +32,7 @@ class ModelConfig:
     conv1_stride: Optional[int] = None
     no_max_pool: Optional[bool] = None
     image_norm: str = "batch"                   # "batch" | "group" | "instance" (docs/design.md)
+    image_pool: str = "mean"                    # global image feature over the last grid: "mean" | "max" | "gem" (p=3)
     text_encoder: Optional[str] = None          # local dir of a HF BERT (e.g. MedCPT); None = random init
     text_hidden: Optional[int] = None
     text_layers: Optional[int] = None
@@ -53,6 +54,7 @@ class ModelConfig:
                 setattr(self, k, list(v) if isinstance(v, list) else v)
         check_choice("model.image_block", self.image_block, ("bottleneck", "basic"))
         check_choice("model.image_norm", self.image_norm, ("batch", "group", "instance"))
+        check_choice("model.image_pool", self.image_pool, ("mean", "max", "gem"))
         check_choice("model.text_pool", self.text_pool, ("cls", "mean"))
         check_choice("model.text_unit", self.text_unit, ("report", "sentence"))
         check_choice("model.proj", self.proj, ("linear", "mlp"))

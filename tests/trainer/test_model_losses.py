@@ -140,6 +140,27 @@ def test_no_nan_at_low_precision_boundaries(dtype):
     assert torch.isfinite(loss) and torch.isfinite(ent)
 
 
+@pytest.mark.parametrize("pool", ["mean", "max", "gem"])
+def test_image_pool_keeps_a_local_finding(pool):
+    """``model.image_pool``: one region of 75 lighting up moves the pooled feature by 1/75 of the bump
+    under mean pooling, by all of it under max, and in between under GeM; the encoder uses it."""
+    from trainer.model.image import pool_regions
+
+    torch.manual_seed(0)
+    base = torch.rand(2, 75, 8)
+    bump = base.clone()
+    bump[:, 7] += 3.0
+    shift = (pool_regions(bump, pool) - pool_regions(base, pool)).mean().item()
+    lo, hi = {"mean": (3 / 75 - 1e-5, 3 / 75 + 1e-5), "max": (2.0, 3.0), "gem": (0.3, 2.0)}[pool]
+    assert lo <= shift <= hi, (pool, shift)
+    cfg = load_config(REPO / "configs/debug.yaml", [f"model.image_pool={pool}"])
+    model = build_model(cfg, 64).eval()
+    g, local, _ = model.image(torch.randn(2, 1, 40, 40, 20))
+    assert torch.allclose(g, pool_regions(local, pool))
+    with pytest.raises(Exception, match="model.image_pool"):
+        load_config(REPO / "configs/debug.yaml", ["model.image_pool=avg"])
+
+
 def test_batchnorm_with_bf16_params_and_fp32_buffers():
     """DeepSpeed's bf16 casts parameters but keeps buffers fp32: BatchNorm's running statistics
     then stay fp32 (the paper preset failed on an H200 with 'Expected running_mean to have type

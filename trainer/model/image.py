@@ -19,6 +19,20 @@ def norm_layer(kind: str):
     raise ValueError(f"model.image_norm: {kind!r} is not one of ['batch', 'group', 'instance']")
 
 
+def pool_regions(local: torch.Tensor, kind: str, p: float = 3.0) -> torch.Tensor:
+    """(B, N, C) region features (after ReLU, so >= 0) -> (B, C) (``model.image_pool``): ``mean``
+    (the paper's global average pool), ``max``, or ``gem``, the generalised mean (mean of x^p)^(1/p)
+    with p = 3, between the two: a finding that lights up a few of the N regions (a nodule, a
+    calcified plaque) is not averaged away over the whole chest."""
+    if kind == "mean":
+        return local.mean(1)
+    if kind == "max":
+        return local.amax(1)
+    if kind == "gem":
+        return local.float().clamp_min(1e-6).pow(p).mean(1).pow(1.0 / p).to(local.dtype)
+    raise ValueError(f"model.image_pool: {kind!r} is not one of ['mean', 'max', 'gem']")
+
+
 class MixedBatchNorm3d(nn.BatchNorm3d):
     """BatchNorm whose running statistics may stay float32 while its input and affine parameters are
     bf16 (DeepSpeed's bf16 casts parameters, not buffers): normalises in the kernels' mixed mode
@@ -57,6 +71,7 @@ class ImageEncoder(nn.Module):
         for m in self.net.modules():
             if type(m) is nn.BatchNorm3d:
                 m.__class__ = MixedBatchNorm3d        # same state; see MixedBatchNorm3d
+        self.pool = cfg.image_pool
         expansion = 4 if cfg.image_block == "bottleneck" else 1
         self.out_dim = cfg.image_widths[-1] * expansion
 
@@ -70,4 +85,4 @@ class ImageEncoder(nn.Module):
         x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
         grid = tuple(x.shape[2:])
         local = x.flatten(2).transpose(1, 2)          # (B, N, C)
-        return local.mean(1), local, grid
+        return pool_regions(local, self.pool), local, grid
