@@ -56,6 +56,7 @@ def _env() -> dict[str, str]:
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
     """True when a server answers (an HTTP error such as 401 from token auth counts as up)."""
     import urllib.error
+    import urllib.request   # not implied by urllib.error (a fresh `make demo` waited 300 s on a live server)
 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
