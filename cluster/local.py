@@ -224,7 +224,20 @@ def _ray_procs(st: dict):
                 out.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-    return out
+    # Ray's agents (ray::DashboardAgent, ray::RuntimeEnvAgent) and workers are renamed and, on a
+    # fresh install, started without our marker in their environment (they outlived `down` and kept a
+    # core busy): take the raylets' descendants, and any process of one of our nodes (RAY_NODE_ID)
+    found = {p.pid: p for p in out}
+    for p in list(out):
+        try:
+            found.update({c.pid: c for c in p.children(recursive=True)})
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    nodes = {_env_of(p).get("RAY_NODE_ID") for p in found.values()} - {None, ""}
+    for p in psutil.process_iter(["pid"]):
+        if p.pid not in found and p.pid != os.getpid() and nodes and _env_of(p).get("RAY_NODE_ID") in nodes:
+            found[p.pid] = p
+    return list(found.values())
 
 
 def _ray_alive(st: dict) -> bool:

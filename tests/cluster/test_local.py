@@ -63,19 +63,35 @@ def test_job_submit_against_local_head(phantom, tmp_path):
         hist = MlflowClient(st["mlflow_uri"]).get_metric_history(summary["mlflow_run_id"], "health/image_cosine")
         assert [m.step for m in hist] == [1, 2]                   # representation health is logged too
     finally:
+        raylets = _raylets(st)
         local.down(sd)
     assert local.status(sd) == 1
     import psutil
 
-    left = [p for p in psutil.process_iter(["name"]) if _belongs(p, st)]
+    assert raylets
+    left = [p for p in psutil.process_iter(["name"]) if _belongs(p, st, raylets)]
     assert not left, [p.info["name"] for p in left]             # DashboardAgent, RuntimeEnvAgent ... too
 
 
-def _belongs(p, st) -> bool:
+def _raylets(st) -> set[int]:
+    """The cluster's raylets and everything under them, found by the temp dir in the raylets' command
+    lines (independently of ``local._ray_procs``), before `down`."""
+    import psutil
+
+    out = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if p.info["name"] == "raylet" and any(st["ray_temp_dir"] in a for a in (p.info["cmdline"] or [])):
+            out |= {p.pid} | {c.pid for c in p.children(recursive=True)}
+    return out
+
+
+def _belongs(p, st, started: set[int]) -> bool:
+    """Started by the cluster: our marker in its environment, or a raylet or one of its descendants
+    (Ray's agents: on a fresh install they had no marker and outlived `down`, busy)."""
     import psutil
 
     try:
-        return p.environ().get(local.MARKER) == st["marker"]
+        return p.pid in started or p.environ().get(local.MARKER) == st["marker"]
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
 

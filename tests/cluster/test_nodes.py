@@ -12,7 +12,7 @@ import time
 import pytest
 
 from cluster import local
-from tests.cluster.test_local import _belongs
+from tests.cluster.test_local import _belongs, _raylets
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -82,8 +82,9 @@ def test_second_node_lost_mid_run(phantom, tmp_path):
         summary = json.loads((out / "job" / "summary.json").read_text())
         assert summary["error"] is None and summary["checkpoints"][-1] == "step_0000040"
     finally:
+        raylets = _raylets(st)
         local.down(sd)
     import psutil
 
-    left = [p for p in psutil.process_iter(["name"]) if _belongs(p, st)]
+    left = [p for p in psutil.process_iter(["name"]) if _belongs(p, st, raylets)]
     assert not left, [p.info["name"] for p in left]
