@@ -32,6 +32,15 @@ PLANTED = ("Lung nodule", "Arterial wall calcification", "Consolidation", "Hiata
 SMALL = ("Lung nodule", "Arterial wall calcification")
 
 
+def _planted_index() -> list[int]:
+    from common.labels import FINDINGS
+
+    return [FINDINGS.index(f) for f in PLANTED]
+
+
+FINDINGS_INDEX = _planted_index()
+
+
 def sh(cmd: list[str]) -> None:
     print("\n$ " + " ".join(cmd), flush=True)
     r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
@@ -101,40 +110,46 @@ def paired_delta(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int, seed:
 
 
 def table(res: dict, n_boot: int, seed: int) -> tuple[str, dict]:
+    """The per-label tables for the variants in ``res`` (CLIP, CLIP+TMA or both; the paired delta
+    when both are there)."""
+    from sklearn.metrics import roc_auc_score
+
     from common.labels import FINDINGS
     from evaluators.tasks.zeroshot import auc_with_ci
 
-    y = np.array(res["clip"]["labels"])
+    vs = [v for v in ("clip", "tma") if v in res]
+    both = len(vs) == 2
+    name = {"clip": "CLIP", "tma": "CLIP+TMA"}
+    y = np.array(res[vs[0]]["labels"])
     lines, summary = [], {}
     for prompts in ("single", "ensemble"):
         lines.append(f"\nzero-shot AUC on held-out phantoms ({prompts} prompts; {len(y)} test studies; "
-                     f"95% bootstrap CI; delta = TMA - CLIP, paired bootstrap)")
-        lines.append(f"{'finding':30s} {'CLIP':>22s} {'CLIP+TMA':>22s} {'delta':>24s}")
+                     f"95% bootstrap CI" + ("; delta = TMA - CLIP, paired bootstrap)" if both else ")"))
+        lines.append(f"{'finding':30s} " + " ".join(f"{name[v]:>22s}" for v in vs) + (f" {'delta':>24s}" if both else ""))
         per = {}
         for f in PLANTED:
             k = FINDINGS.index(f)
-            pa, pb = (np.array(res[v][f"probs_{prompts}"])[:, k] for v in ("clip", "tma"))
-            a, b = auc_with_ci(y[:, k], pa, n_boot, seed), auc_with_ci(y[:, k], pb, n_boot, seed)
-            d = paired_delta(y[:, k], pa, pb, n_boot, seed)
-            per[f] = {"clip": a[:3], "tma": b[:3], "delta": d}
-            lines.append(f"{f:30s} {a[0]:6.3f} [{a[1]:.3f}, {a[2]:.3f}] {b[0]:6.3f} [{b[1]:.3f}, {b[2]:.3f}] "
-                         f"{d[0]:+6.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
-        mean = {v: float(np.mean([per[f][v][0] for f in PLANTED])) for v in ("clip", "tma")}
-        lines.append(f"{'mean (8 planted)':30s} {mean['clip']:6.3f} {'':15s} {mean['tma']:6.3f}")
+            p = {v: np.array(res[v][f"probs_{prompts}"])[:, k] for v in vs}
+            per[f] = {v: auc_with_ci(y[:, k], p[v], n_boot, seed)[:3] for v in vs}
+            line = f"{f:30s} " + " ".join(f"{per[f][v][0]:6.3f} [{per[f][v][1]:.3f}, {per[f][v][2]:.3f}]" for v in vs)
+            if both:
+                d = per[f]["delta"] = paired_delta(y[:, k], p["clip"], p["tma"], n_boot, seed)
+                line += f" {d[0]:+6.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
+            lines.append(line)
+        mean = {v: float(np.mean([per[f][v][0] for f in PLANTED])) for v in vs}
+        lines.append(f"{'mean (8 planted)':30s} " + " ".join(f"{mean[v]:6.3f} {'':15s}" for v in vs))
         summary[prompts] = {"per_label": per, "mean": mean}
-    lines.append("\nother scores (test split)              CLIP    CLIP+TMA")
+    lines.append(f"\nother scores (test split)              " + "  ".join(f"{name[v]:>8s}" for v in vs))
     for key in ("probe/mean_auc", "probe/report/mean_auc", "retrieval/i2t_R@1", "retrieval/t2i_R@1",
                 "retrieval/i2t_R@10"):
-        a, b = (res[v]["metrics"].get(key, float("nan")) for v in ("clip", "tma"))
-        lines.append(f"{key:38s} {a:6.3f}  {b:6.3f}")
+        lines.append(f"{key:38s} " + "  ".join(f"{res[v]['metrics'].get(key, float('nan')):8.3f}" for v in vs))
+    for f in SMALL:
+        key = f"probe/auc/{f}"
+        lines.append(f"{key:38s} " + "  ".join(f"{res[v]['metrics'].get(key, float('nan')):8.3f}" for v in vs))
     for prompts in ("single", "ensemble"):
-        vals = []
-        for v in ("clip", "tma"):
-            rp = np.array(res[v][f"report_probs_{prompts}"])
-            from sklearn.metrics import roc_auc_score
-
-            vals.append(np.mean([roc_auc_score(y[:, FINDINGS.index(f)], rp[:, FINDINGS.index(f)]) for f in PLANTED]))
-        lines.append(f"{'zero-shot on report embeddings (' + prompts + ')':38s} {vals[0]:6.3f}  {vals[1]:6.3f}")
+        vals = [np.mean([roc_auc_score(y[:, FINDINGS.index(f)], np.array(res[v][f"report_probs_{prompts}"])[:, FINDINGS.index(f)])
+                         for f in PLANTED]) for v in vs]
+        lines.append(f"{'zero-shot on report embeddings (' + prompts + ')':38s} " + "  ".join(f"{x:8.3f}" for x in vals))
     return "\n".join(lines), summary
 
 
@@ -148,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config overrides for both runs")
-    p.add_argument("--only", choices=["clip", "tma"], default=None, help="train one variant (scores both if present)")
+    p.add_argument("--only", choices=["clip", "tma", "none"], default=None,
+                   help="train one variant, or none (scores whichever has a checkpoint)")
     a = p.parse_args(argv)
     t0 = time.time()
     out = (REPO / a.out).resolve()
@@ -159,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         runs[v] = (train(v, shards, out, a.seed, a.overrides) if a.only in (None, v)
                    else out / f"phantom-{v}" / f"s{a.seed}")
     t_train = time.time() - t0 - t_data
-    res = {v: score(d, shards) for v, d in runs.items()}
+    res = {v: score(d, shards) for v, d in runs.items() if any((d / c / "export").is_dir() for c in
+                                                              (p.name for p in d.glob("step_*")))}
+    if not res:
+        raise SystemExit(f"science: no exported checkpoint under {out}/phantom-{{clip,tma}}/s{a.seed}")
     text, summary = table(res, a.bootstrap, a.seed)
     print(text)
     report = {"seed": a.seed, "data_seed": a.data_seed, "n": a.n, "overrides": a.overrides,

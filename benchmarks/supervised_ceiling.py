@@ -1,0 +1,95 @@
+"""What the image encoder can learn of each planted finding *with* labels: a supervised ceiling for
+`make science`.
+
+    python -m benchmarks.supervised_ceiling [--config configs/phantom.yaml] [--steps 500] [--set k=v ...]
+
+The same encoder, grid and optimiser settings as the science preset (``model``, ``data``,
+``train.lr``), trained from scratch on the train split's labels (binary cross-entropy on the 8
+planted findings, a linear head on the pooled features), then the test split's AUC per finding. If a
+finding stays at chance here, no contrastive objective can be blamed for it: the encoder cannot see
+it at this grid. If it is learned here but not by pretraining, the objective is what loses it.
+Single process, CPU or GPU; no Ray, no DeepSpeed (a diagnostic, not a training path).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+PLANTED = ("Lung nodule", "Arterial wall calcification", "Consolidation", "Hiatal hernia", "Pericardial effusion",
+           "Cardiomegaly", "Pleural effusion", "Emphysema")
+
+
+def load(shards: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    from data_service.shards import iter_split
+
+    xs, ys = [], []
+    for s in iter_split(shards, split):
+        xs.append(s["ct"])
+        ys.append([float(s["meta"]["labels"][f]) for f in PLANTED])
+    if not xs:
+        raise SystemExit(f"{shards}: split {split!r} is empty")
+    return np.stack(xs), np.array(ys, dtype=np.float32)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.supervised_ceiling", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/phantom.yaml")
+    p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--test-split", default="test")
+    a = p.parse_args(argv)
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from common.config import load_config
+    from data_service.preprocess import to_model_input
+    from trainer.model.image import ImageEncoder
+
+    cfg = load_config(a.config, a.set)
+    torch.manual_seed(cfg.train.seed)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    xtr, ytr = load(cfg.data.shards, "train")
+    xte, yte = load(cfg.data.shards, a.test_split)
+    enc = ImageEncoder(cfg.model).to(dev)
+    head = torch.nn.Linear(enc.out_dim, len(PLANTED)).to(dev)
+    params = [*enc.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    warm = max(1, cfg.train.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    rng = np.random.default_rng(cfg.train.seed)
+
+    def inputs(x: np.ndarray) -> torch.Tensor:
+        return to_model_input(torch.from_numpy(x).to(dev), cfg.data)[:, None]
+
+    t0 = time.time()
+    enc.train()
+    for step in range(a.steps):
+        idx = rng.choice(len(xtr), a.batch, replace=False)
+        logits = head(enc(inputs(xtr[idx]))[0])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(ytr[idx]).to(dev))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0:
+            print(f"step {step + 1}/{a.steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+    enc.eval()
+    with torch.no_grad():
+        probs = np.concatenate([torch.sigmoid(head(enc(inputs(xte[i:i + 32]))[0])).cpu().numpy()
+                                for i in range(0, len(xte), 32)])
+    print(f"\nsupervised ceiling: {a.config} {' '.join(a.set)}; {len(xtr)} train / {len(xte)} {a.test_split} "
+          f"studies, {a.steps} steps of {a.batch}, {time.time() - t0:.0f} s")
+    aucs = {}
+    for k, f in enumerate(PLANTED):
+        aucs[f] = float(roc_auc_score(yte[:, k], probs[:, k])) if 0 < yte[:, k].sum() < len(yte) else float("nan")
+        print(f"{f:30s} AUC {aucs[f]:.3f}  (positives {int(yte[:, k].sum())}/{len(yte)})")
+    print(f"{'mean (8 planted)':30s} AUC {np.nanmean(list(aucs.values())):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
