@@ -43,3 +43,16 @@ def test_train_step_benchmark_counts_flops_per_stage(capsys):
     flops = float(re.search(r"model FLOPs per sample \(fwd\+bwd\): ([\d.e+-]+) TFLOP", out).group(1))
     assert 1e-4 < flops < 1e-1, out                        # the debug model at 80x80x40: a few GFLOP
     assert train_step.main(["--config", str(REPO / "configs/debug.yaml"), "--runs", "9"]) == 1   # bad stage: reported
+
+
+def test_supervised_ceiling_runs_on_shards(phantom, capsys):
+    """The science diagnosis' supervised ceiling trains on the labels and prints an AUC per planted finding."""
+    from benchmarks import supervised_ceiling
+
+    assert supervised_ceiling.main(["--config", str(REPO / "configs/debug.yaml"), "--set",
+                                    f"data.shards={phantom / 'shards'}", "--steps", "2", "--batch", "2",
+                                    "--test-split", "valid"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^(.+?)\s+AUC (nan|[01]\.\d{3})  \(positives (\d+)/(\d+)\)$", out, re.M)
+    assert [r[0] for r in rows] == list(supervised_ceiling.PLANTED), out
+    assert all(r[1] == "nan" or 0 < int(r[2]) < int(r[3]) for r in rows), out      # nan only without both classes
