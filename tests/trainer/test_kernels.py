@@ -90,4 +90,5 @@ def test_augment_kernel_parity(shape):
     out = augment(x, p, (-1000.0, 1000.0), kernel="triton")
     assert out.dtype == torch.float32 and out.shape == shape
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (out - ref).abs().max()
-    assert torch.equal(augment(x, p, (-1000.0, 1000.0), kernel="auto"), ref)     # auto: the reference
+    # auto: the reference on the CPU, the fused kernel on CUDA (trainer/kernels/__init__.py)
+    assert torch.equal(augment(x, p, (-1000.0, 1000.0), kernel="auto"), ref if DEV == "cpu" else out)
