@@ -19,8 +19,7 @@ import time
 
 import numpy as np
 
-PLANTED = ("Lung nodule", "Arterial wall calcification", "Consolidation", "Hiatal hernia", "Pericardial effusion",
-           "Cardiomegaly", "Pleural effusion", "Emphysema")
+from data_service.synth import PLANTED
 
 
 def load(shards: str, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -211,33 +211,29 @@ its agents (``ray::DashboardAgent``), so their command lines no longer name the 
 
 
 def _ray_procs(st: dict):
+    """Every process of the cluster: command line naming its temp dir, or our marker in its
+    environment. Ray's agents (ray::DashboardAgent, ray::RuntimeEnvAgent) and workers are renamed
+    and, on a fresh install, started without our marker (they outlived `down` and kept a core busy):
+    so also the raylets' descendants and any process of one of our nodes (RAY_NODE_ID)."""
     import psutil
 
     tmp, marker = st.get("ray_temp_dir"), st.get("marker")
-    out = []
+    procs, envs, out = {}, {}, {}
     for p in psutil.process_iter(["pid", "cmdline"]):
         if p.pid == os.getpid():
             continue
+        procs[p.pid], envs[p.pid] = p, _env_of(p)                # each environment read once
+        if (tmp and any(tmp in a for a in (p.info["cmdline"] or []))) or \
+                (marker and envs[p.pid].get(MARKER) == marker):
+            out[p.pid] = p
+    for p in list(out.values()):
         try:
-            if (tmp and any(tmp in a for a in (p.info["cmdline"] or []))) or \
-                    (marker and _env_of(p).get(MARKER) == marker):
-                out.append(p)
+            out.update({c.pid: c for c in p.children(recursive=True)})
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-    # Ray's agents (ray::DashboardAgent, ray::RuntimeEnvAgent) and workers are renamed and, on a
-    # fresh install, started without our marker in their environment (they outlived `down` and kept a
-    # core busy): take the raylets' descendants, and any process of one of our nodes (RAY_NODE_ID)
-    found = {p.pid: p for p in out}
-    for p in list(out):
-        try:
-            found.update({c.pid: c for c in p.children(recursive=True)})
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    nodes = {_env_of(p).get("RAY_NODE_ID") for p in found.values()} - {None, ""}
-    for p in psutil.process_iter(["pid"]):
-        if p.pid not in found and p.pid != os.getpid() and nodes and _env_of(p).get("RAY_NODE_ID") in nodes:
-            found[p.pid] = p
-    return list(found.values())
+    nodes = {envs.get(pid, {}).get("RAY_NODE_ID") for pid in out} - {None, ""}
+    out.update({pid: procs[pid] for pid, env in envs.items() if nodes and env.get("RAY_NODE_ID") in nodes})
+    return list(out.values())
 
 
 def _ray_alive(st: dict) -> bool:

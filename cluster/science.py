@@ -25,20 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from data_service.synth import PLANTED
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "phantom.yaml"
-PLANTED = ("Lung nodule", "Arterial wall calcification", "Consolidation", "Hiatal hernia", "Pericardial effusion",
-           "Cardiomegaly", "Pleural effusion", "Emphysema")
 SMALL = ("Lung nodule", "Arterial wall calcification")
-
-
-def _planted_index() -> list[int]:
-    from common.labels import FINDINGS
-
-    return [FINDINGS.index(f) for f in PLANTED]
-
-
-FINDINGS_INDEX = _planted_index()
 
 
 def sh(cmd: list[str]) -> None:
@@ -73,13 +64,19 @@ def train(variant: str, shards: Path, out: Path, seed: int, extra: list[str]) ->
     return run_dir
 
 
+def last_export(run_dir: Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that has its ``export/``, or None."""
+    done = sorted(p for p in run_dir.glob("step_*") if (p / "export").is_dir())
+    return done[-1] if done else None
+
+
 def score(run_dir: Path, shards: Path) -> dict:
     """The last checkpoint: zero-shot (single and ensemble prompts), probes, retrieval, and the raw
     test-split probabilities for the paired comparison."""
     from evaluators.scoring import Scoring
     from evaluators.tasks.zeroshot import prompt_embeddings, zeroshot_probs
 
-    ck = sorted(p for p in run_dir.glob("step_*") if (p / "export").is_dir())[-1]
+    ck = last_export(run_dir)
     sc = Scoring(ck, str(shards), tasks=["zeroshot", "probe", "retrieval"])
     res = {"checkpoint": str(ck), "metrics": sc.score(["zeroshot", "probe", "retrieval"])["metrics"]}
     test = sc.labelled(sc.cfg.eval.split_test)
@@ -175,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         runs[v] = (train(v, shards, out, a.seed, a.overrides) if a.only in (None, v)
                    else out / f"phantom-{v}" / f"s{a.seed}")
     t_train = time.time() - t0 - t_data
-    res = {v: score(d, shards) for v, d in runs.items() if any((d / c / "export").is_dir() for c in
-                                                              (p.name for p in d.glob("step_*")))}
+    res = {v: score(d, shards) for v, d in runs.items() if last_export(d) is not None}
     if not res:
         raise SystemExit(f"science: no exported checkpoint under {out}/phantom-{{clip,tma}}/s{a.seed}")
     text, summary = table(res, a.bootstrap, a.seed)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from cluster import science
+from common.labels import FINDINGS
 
 
 def _fake(rng, y, signal):
-    k = science.FINDINGS_INDEX
+    k = [FINDINGS.index(f) for f in science.PLANTED]
     probs = rng.random(y.shape)
     probs[:, k] += signal * y[:, k]                 # planted labels carry signal
     return {"labels": y.tolist(), "probs_single": probs.tolist(), "probs_ensemble": probs.tolist(),

@@ -39,21 +39,19 @@ class MixedBatchNorm3d(nn.BatchNorm3d):
     (reduced-precision input, float32 statistics and affine), as autocast would."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rm = self.running_mean
+        rm = self.running_mean          # present only with track_running_stats (then so is num_batches_tracked)
         if rm is None or self.weight is None or self.weight.dtype == rm.dtype:
             return super().forward(x)
         import torch.nn.functional as F
 
         self._check_input_dim(x)
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        if self.training:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
-        use_batch = self.training or self.running_mean is None
-        return F.batch_norm(x, rm if not self.training or self.track_running_stats else None,
-                            self.running_var if not self.training or self.track_running_stats else None,
-                            self.weight.to(rm.dtype), self.bias.to(rm.dtype), use_batch, momentum, self.eps)
+        return F.batch_norm(x, rm, self.running_var, self.weight.to(rm.dtype), self.bias.to(rm.dtype),
+                            self.training, momentum, self.eps)
 
 
 class ImageEncoder(nn.Module):
