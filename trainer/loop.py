@@ -35,7 +35,7 @@ from trainer.losses.dist import all_reduce_min
 from trainer.model import build_model
 from trainer.model.text import tokenize_reports
 from trainer.step import Batch, model_inputs, train_step
-from trainer.tracking import Tracker
+from trainer.tracking import SPOOL, Tracker
 
 
 class LoopCallback:
@@ -96,7 +96,7 @@ def setup(args: LoopArgs, rank: int, world: int, universal: bool = False) -> Run
     torch.manual_seed(cfg.train.seed)                      # identical init on every rank
     engine = eng.init_engine(build_model(cfg, len(tokenizer)), cfg, universal)
     torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # then per rank: dropout differs across ranks
-    tracker = (Tracker(args.mlflow_uri, args.mlflow_run_id, Path(args.run_dir) / "mlflow_spool.jsonl") if rank == 0
+    tracker = (Tracker(args.mlflow_uri, args.mlflow_run_id, Path(args.run_dir) / SPOOL) if rank == 0
                else Tracker(None, None))
     state = {"step": 0, "micro": 0, "position": 0, "samples": 0, "corrupt": 0, "dropped": 0, "world": world}
     run = Run(args, rank, world, engine, T3DLoss(cfg.tma), tracker,

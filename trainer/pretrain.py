@@ -161,7 +161,14 @@ def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, r
     if uri and run_id:
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(uri).set_terminated(run_id, "FINISHED" if result.error is None else "FAILED")
+        from trainer.tracking import SPOOL, send_spool
+
+        send_spool(uri, run_id, run_dir / SPOOL)          # what rank 0 could not send before it stopped
+        try:
+            MlflowClient(uri).set_terminated(run_id, "FINISHED" if result.error is None else "FAILED")
+        except Exception as e:  # noqa: BLE001 - the run trained and saved; MLflow being away must not fail it
+            print(f"[t3d] WARNING: could not mark MLflow run {run_id} finished ({type(e).__name__}: "
+                  f"{str(e)[:200]})", flush=True)
     return result, run_dir, uri, run_id
 
 

@@ -5,7 +5,9 @@ server that goes away.
 batches. When the server does not answer, the metrics stay queued (a warning is printed once per
 outage) and go out when it is back. ``close`` waits a bounded time for the queue to drain; what is
 still unsent then (the server is down at the end of the run) is spooled to a file in the run
-folder and sent by the next ``Tracker`` of that run (a resume). The queue is bounded
+folder and sent by the next ``Tracker`` of that run: a resume, or ``send_spool``, which the driver
+(``trainer.pretrain.fit``) calls once the workers are done, so a run that is never resumed (a sweep
+trial, a finished run) still gets its last metrics whenever the server answers then. The queue is bounded
 (``MAX_QUEUED``): what an outage longer than that pushes out is counted and logged as
 ``tracking/dropped_metrics`` once the server is back.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 # log through a Tracker, fail fast instead and let the queue retry.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+SPOOL = "mlflow_spool.jsonl"        # in the run folder: what rank 0 could not send
 
 
 class Tracker:
@@ -130,6 +133,19 @@ class Tracker:
             print(f"[t3d] MLflow is back after {time.time() - self.down_since:.0f} s; queued metrics sent", flush=True)
             self.down_since = None
         return True
+
+
+def send_spool(uri: str | None, run_id: str | None, spool: str | Path, timeout: float = 60.0, client=None) -> int:
+    """Send the metrics a run's workers spooled (``Tracker.close`` could not send them) to ``run_id``,
+    trying for at most ``timeout`` s; what is still unsent stays spooled. Returns that count."""
+    if not Path(spool).is_file() or not ((uri and run_id) or client):
+        return 0
+    t = Tracker(uri, run_id, spool, client=client)
+    n = t.pending()
+    left = t.close(timeout)
+    if n and not left:
+        print(f"[t3d] sent {n} spooled metrics to MLflow run {run_id}", flush=True)
+    return left
 
 
 def register_checkpoint(uri: str, run_id: str, export: str | Path, name: str, tags: dict[str, str],
