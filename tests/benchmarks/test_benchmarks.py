@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -56,3 +58,12 @@ def test_supervised_ceiling_runs_on_shards(phantom, capsys):
     rows = re.findall(r"^(.+?)\s+AUC (nan|[01]\.\d{3})  \(positives (\d+)/(\d+)\)$", out, re.M)
     assert [r[0] for r in rows] == list(supervised_ceiling.PLANTED), out
     assert all(r[1] == "nan" or 0 < int(r[2]) < int(r[3]) for r in rows), out      # nan only without both classes
+    # the simplest detector on a subset of the findings; an unknown finding is refused by name
+    args = ["--config", str(REPO / "configs/debug.yaml"), "--set", f"data.shards={phantom / 'shards'}", "--steps", "2",
+            "--batch", "2", "--test-split", "valid", "--net", "conv", "--conv-stride", "2"]
+    assert supervised_ceiling.main([*args, "--labels", "Lung nodule,Cardiomegaly"]) == 0
+    out = capsys.readouterr().out
+    assert "one conv (stride 2, max pool)" in out, out
+    assert re.findall(r"^(.+?)\s+AUC ", out, re.M) == ["Lung nodule", "Cardiomegaly", "mean (2 trained)"]
+    with pytest.raises(SystemExit, match="Nodule"):
+        supervised_ceiling.main([*args, "--labels", "Nodule"])
