@@ -261,8 +261,14 @@ def down(sd: Path) -> None:
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        p.kill()
+    for p in alive:                        # ignored SIGTERM for 15 s (a busy agent): kill, and wait
+        try:                               # until it is gone, so `down` returns with nothing left
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, stuck = psutil.wait_procs(alive, timeout=15)
+    if stuck:
+        print(f"WARNING: {len(stuck)} Ray processes still there after SIGKILL: {[p.pid for p in stuck]}")
     st_file.unlink()
     print(f"stopped MLflow (pid {pid}) and {len(procs)} Ray processes of {st['ray_temp_dir']}")
 

@@ -91,6 +91,8 @@ def _belongs(p, st, started: set[int]) -> bool:
     import psutil
 
     try:
+        if p.status() == psutil.STATUS_ZOMBIE:       # dead, only not yet reaped: nothing runs
+            return False
         return p.pid in started or p.environ().get(local.MARKER) == st["marker"]
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
