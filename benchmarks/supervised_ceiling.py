@@ -3,12 +3,15 @@
 
     python -m benchmarks.supervised_ceiling [--config configs/phantom.yaml] [--steps 500] [--set k=v ...]
     python -m benchmarks.supervised_ceiling --visibility     # are the small findings in the volumes?
+    python -m benchmarks.supervised_ceiling --labels "Arterial wall calcification" --net conv  # one layer
 
 The same encoder, grid and optimiser settings as the science preset (``model``, ``data``,
 ``train.lr``), trained from scratch on the train split's labels (binary cross-entropy on the 8
-planted findings, a linear head on the pooled features), then the test split's AUC per finding. If a
-finding stays at chance here, no contrastive objective can be blamed for it: the encoder cannot see
-it at this grid. If it is learned here but not by pretraining, the objective is what loses it.
+planted findings, or ``--labels``, with a linear head on the pooled features), then the test split's
+AUC per finding. If a finding stays at chance here, no contrastive objective can be blamed for it:
+with this data and a study-level signal the encoder does not learn it (``--visibility`` says whether
+it is in the volumes at all, ``--net conv`` whether the simplest detector finds it). If it is
+learned here but not by pretraining, the objective is what loses it.
 Single process, CPU or GPU; no Ray, no DeepSpeed (a diagnostic, not a training path).
 """
 from __future__ import annotations
