@@ -102,6 +102,7 @@ def main(argv=None) -> int:
 
     from common.config import load_config
     from data_service.preprocess import to_model_input
+    from evaluators.tasks.zeroshot import two_classes
     from trainer.model.image import ImageEncoder
 
     cfg = load_config(a.config, a.set)
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
           f"studies, {a.steps} steps of {a.batch}, {time.time() - t0:.0f} s")
     aucs = {}
     for k, f in enumerate(names):
-        aucs[f] = float(roc_auc_score(yte[:, k], probs[:, k])) if 0 < yte[:, k].sum() < len(yte) else float("nan")
+        aucs[f] = float(roc_auc_score(yte[:, k], probs[:, k])) if two_classes(yte[:, k]) else float("nan")
         print(f"{f:30s} AUC {aucs[f]:.3f}  (positives {int(yte[:, k].sum())}/{len(yte)})")
     print(f"{f'mean ({len(names)} trained)':30s} AUC {np.nanmean(list(aucs.values())):.3f}")
     return 0

@@ -70,13 +70,12 @@ def last_export(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def score(run_dir: Path, shards: Path) -> dict:
-    """The last checkpoint: zero-shot (single and ensemble prompts), probes, retrieval, and the raw
+def score(ck: Path, shards: Path) -> dict:
+    """Checkpoint ``ck`` (``last_export``): zero-shot (single and ensemble prompts), probes, retrieval, and the raw
     test-split probabilities for the paired comparison."""
     from evaluators.scoring import Scoring
     from evaluators.tasks.zeroshot import prompt_embeddings, zeroshot_probs
 
-    ck = last_export(run_dir)
     sc = Scoring(ck, str(shards), tasks=["zeroshot", "probe", "retrieval"])
     res = {"checkpoint": str(ck), "metrics": sc.score(["zeroshot", "probe", "retrieval"])["metrics"]}
     test = sc.labelled(sc.cfg.eval.split_test)
@@ -172,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         runs[v] = (train(v, shards, out, a.seed, a.overrides) if a.only in (None, v)
                    else out / f"phantom-{v}" / f"s{a.seed}")
     t_train = time.time() - t0 - t_data
-    res = {v: score(d, shards) for v, d in runs.items() if last_export(d) is not None}
+    res = {v: score(ck, shards) for v, d in runs.items() if (ck := last_export(d)) is not None}
     if not res:
         raise SystemExit(f"science: no exported checkpoint under {out}/phantom-{{clip,tma}}/s{a.seed}")
     text, summary = table(res, a.bootstrap, a.seed)

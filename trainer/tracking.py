@@ -137,7 +137,8 @@ class Tracker:
 
 def send_spool(uri: str | None, run_id: str | None, spool: str | Path, timeout: float = 60.0, client=None) -> int:
     """Send the metrics a run's workers spooled (``Tracker.close`` could not send them) to ``run_id``,
-    trying for at most ``timeout`` s; what is still unsent stays spooled. Returns that count."""
+    trying for at most ``timeout`` s; what is still unsent stays spooled. Returns that count (0, and
+    the spool untouched, when there is no spool or no tracking)."""
     if not Path(spool).is_file() or not ((uri and run_id) or client):
         return 0
     t = Tracker(uri, run_id, spool, client=client)
