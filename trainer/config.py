@@ -71,6 +71,7 @@ class TMAConfig:
     """Text-informed Multi-view Alignment; see docs/design.md."""
     enabled: bool = True
     w_clip: float = 1.0                         # global CLIP InfoNCE
+    w_sentence: float = 0.0                     # each report sentence <-> the volume (model.text_unit=sentence)
     w_local: float = 1.0                        # view <-> report token-region alignment
     w_consistency: float = 0.5                  # cross-view prototype consistency
     attn_temperature: float = 0.1               # token -> region attention softmax
@@ -90,12 +91,15 @@ class TMAConfig:
         check_choice("tma.consistency_on", self.consistency_on, ("text_informed", "global"))
         check_choice("tma.local_space", self.local_space, ("separate", "shared"))
         check_choice("tma.kernel", self.kernel, ("auto", "torch", "triton"))
-        for k in ("w_clip", "w_local", "w_consistency"):
+        for k in ("w_clip", "w_sentence", "w_local", "w_consistency"):
             check_range(f"tma.{k}", getattr(self, k), 0.0)
         for k in ("attn_temperature", "local_temperature", "student_temperature", "sinkhorn_epsilon"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"tma.{k}: must be > 0, got {getattr(self, k)!r}")
         check_range("tma.prototypes", self.prototypes, 1)
+        unit = getattr(getattr(root, "model", None), "text_unit", None)
+        if self.w_sentence > 0 and unit is not None and unit != "sentence":
+            raise ConfigError(f"tma.w_sentence={self.w_sentence} needs model.text_unit=sentence, got {unit!r}")
         return self
 
 

@@ -65,5 +65,8 @@ def test_supervised_ceiling_runs_on_shards(phantom, capsys):
     out = capsys.readouterr().out
     assert "one conv (stride 2, max pool)" in out, out
     assert re.findall(r"^(.+?)\s+AUC ", out, re.M) == ["Lung nodule", "Cardiomegaly", "mean (2 trained)"]
+    assert re.search(r"training studies \(memorisation check\): Lung nodule (nan|[01]\.\d{3}), Cardiomegaly", out), out
+    assert supervised_ceiling.main([*args, "--labels", "Cardiomegaly", "--augment", "--shift", "2"]) == 0
+    assert "flips + shifts up to 2 voxels" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="Nodule"):
         supervised_ceiling.main([*args, "--labels", "Nodule"])

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from common.config import load_config
 from tests.conftest import REPO
 from trainer.config import TMAConfig
-from trainer.losses import T3DLoss, clip_loss, consistency_loss, local_alignment_loss, token_region_similarity
+from trainer.losses import (T3DLoss, clip_loss, consistency_loss, local_alignment_loss, sentence_loss,
+                            token_region_similarity)
 from trainer.losses.tma import sinkhorn
 from trainer.model import build_model
-from trainer.model.t3d import count_parameters
+from trainer.model.t3d import count_parameters, pack_tokens
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,62 @@ def test_clip_low_when_aligned_logb_when_shuffled():
     y = F.normalize(torch.randn(b, 32), dim=-1)
     shuffled = clip_loss(x, y, torch.tensor(1.0))
     assert abs(float(shuffled) - math.log(b)) < 0.15
+
+
+def test_pack_tokens_keeps_every_valid_token_and_the_local_loss():
+    torch.manual_seed(0)
+    tok = F.normalize(torch.randn(3, 7, 8), dim=-1)
+    mask = torch.tensor([[0, 1, 0, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1]]).float()
+    packed, pm = pack_tokens(tok, mask)
+    assert pm.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
+    torch.testing.assert_close(packed[0, :2], tok[0, [1, 3]])
+    torch.testing.assert_close(packed[2, 0], tok[2, 6])
+    reg = F.normalize(torch.randn(3, 2, 5, 8), dim=-1)
+    for pool in ("mean", "lse"):
+        c = TMAConfig(token_pool=pool, kernel="torch")
+        torch.testing.assert_close(local_alignment_loss(reg, packed, pm, c), local_alignment_loss(reg, tok, mask, c))
+
+
+def test_sentence_loss_low_when_sentences_match_and_ignores_absent_ones():
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(6, 32), dim=-1)
+    sents = F.normalize(img[:, None] + 0.05 * torch.randn(6, 4, 32), dim=-1)   # each study's sentences near it
+    smask = torch.ones(6, 4, dtype=torch.bool)
+    smask[0, 2:] = smask[3, 1:] = False
+    scale = torch.tensor(50.0)
+    aligned = sentence_loss(img, sents, smask, scale)
+    shuffled = sentence_loss(img[torch.tensor([1, 2, 3, 4, 5, 0])], sents, smask, scale)
+    assert aligned < 0.1 * shuffled
+    # the volume -> sentence side is multi-positive: at best log(own sentences), and absent
+    # sentences are neither positives nor negatives, whatever their embedding
+    garbage = sents.clone()
+    garbage[~smask] = F.normalize(torch.randn(int((~smask).sum()), 32), dim=-1)
+    torch.testing.assert_close(sentence_loss(img, garbage, smask, scale), aligned)
+    with pytest.raises(ValueError, match="disagree"):
+        sentence_loss(img[:5], sents, smask, scale)
+
+
+def test_sentence_term_trains_both_towers_and_needs_the_sentence_unit():
+    from common.config import ConfigError
+    from common.text import build_tokenizer, encode_reports
+
+    with pytest.raises(ConfigError, match="w_sentence"):
+        load_config(REPO / "configs/debug.yaml", ["tma.w_sentence=1.0"])
+    cfg = load_config(REPO / "configs/debug.yaml", ["model.text_unit=sentence", "tma.w_sentence=1.0",
+                                                    "tma.w_clip=0", "tma.enabled=false"])
+    reports = ["No pleural effusion. Heart size is normal.", "A 6 mm nodule is seen.", "Cardiomegaly. No nodule."]
+    tok = build_tokenizer(reports, 200)
+    enc = encode_reports(tok, reports, "sentence", max_sentences=4, max_sentence_tokens=16)
+    torch.manual_seed(0)
+    m = build_model(cfg, len(tok))
+    out = m(torch.rand(3, 1, *cfg.data.size), enc["input_ids"], enc["attention_mask"])
+    assert out["sentences"].shape == (3, enc["input_ids"].shape[1], cfg.model.embed_dim) == (3, 2, cfg.model.embed_dim)
+    assert out["sentence_mask"].sum(1).tolist() == [2, 1, 2]
+    loss, logs = T3DLoss(cfg.tma)(out)
+    assert set(logs) == {"sentence", "loss", "temperature"}
+    loss.backward()
+    assert m.image.net.conv1.weight.grad.abs().sum() > 0
+    assert m.text.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
 
 
 def test_local_alignment_low_when_tokens_match_regions():
@@ -198,7 +255,10 @@ def test_paper_scale_parameter_count():
 # ------------------------------------------------------------------- 2 processes == 1 process
 def _embeddings(seed, b):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2 * b, 10, generator=g), torch.randn(2 * b, 4, 8, generator=g), torch.randn(2 * b, 5, 8, generator=g)
+    n = torch.arange(2 * b) % 5 + 1                            # valid tokens a report: ranks' longest differ
+    mask = (torch.arange(5)[None] < n[:, None]).float()
+    return (torch.randn(2 * b, 10, generator=g), torch.randn(2 * b, 4, 8, generator=g),
+            torch.randn(2 * b, 5, 8, generator=g), mask)
 
 
 class _Tiny(torch.nn.Module):
@@ -209,14 +269,19 @@ class _Tiny(torch.nn.Module):
         self.b = torch.nn.Linear(10, 6)
         self.r = torch.nn.Linear(8, 8)
         self.t = torch.nn.Linear(8, 8)
+        self.s = torch.nn.Linear(8, 6)
 
-    def loss(self, feats, regions, tokens):
+    def loss(self, feats, regions, tokens, token_mask):
         img = F.normalize(self.a(feats), dim=-1)
         txt = F.normalize(self.b(feats.flip(-1)), dim=-1)
         reg = F.normalize(self.r(regions), dim=-1).unsqueeze(1)
         tok = F.normalize(self.t(tokens), dim=-1)
-        mask = torch.ones(tok.shape[:2])
-        return clip_loss(img, txt, torch.tensor(10.0)) + local_alignment_loss(reg, tok, mask, TMAConfig())
+        tok, mask = pack_tokens(tok, token_mask)                # packed: the ranks' token counts differ
+        sents = F.normalize(self.s(tokens), dim=-1)             # 5 "sentences" a report, some absent
+        smask = tokens[..., 0] > -0.5
+        smask[:, 0] = True
+        return (clip_loss(img, txt, torch.tensor(10.0)) + local_alignment_loss(reg, tok, mask, TMAConfig())
+                + sentence_loss(img, sents, smask, torch.tensor(10.0)))
 
 
 def _worker(rank, world, b, path, init):
@@ -224,9 +289,9 @@ def _worker(rank, world, b, path, init):
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     m = _Tiny()
-    f, r, t = _embeddings(0, b)
+    f, r, t, tm = _embeddings(0, b)
     sl = slice(rank * b, (rank + 1) * b)
-    loss = m.loss(f[sl], r[sl], t[sl])
+    loss = m.loss(f[sl], r[sl], t[sl], tm[sl])
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in m.parameters()])
     dist.all_reduce(grads)
@@ -252,8 +317,8 @@ def test_two_ranks_equal_one_rank_double_batch(tmp_path):
     mp.spawn(_worker, args=(2, b, path, init), nprocs=2, join=True)
     got = torch.load(path)
     m = _Tiny()
-    f, r, t = _embeddings(0, b)
-    ref = m.loss(f, r, t)
+    f, r, t, tm = _embeddings(0, b)
+    ref = m.loss(f, r, t, tm)
     ref.backward()
     ref_grads = torch.cat([p.grad.flatten() for p in m.parameters()])
     assert torch.allclose(got["loss"], ref.detach(), atol=1e-5), (got["loss"], ref)

@@ -1,7 +1,9 @@
 """Text-informed Multi-view Alignment (TMA). Design and rationale: docs/design.md.
 
-Three switchable terms (weights in ``tma``):
+Switchable terms (weights in ``tma``):
   clip         global volume <-> report InfoNCE (losses/clip.py)
+  sentence     each report sentence <-> the volume (losses/sentence.py; not part of TMA: applies
+               with tma.enabled=false too, like clip)
   local        view <-> report: each report token attends over a view's regions; the similarity
                of (view i, report j) is the masked mean (or LSE) over j's tokens of cos(token,
                attended context). InfoNCE over these similarities, negatives from all ranks.
@@ -18,7 +20,8 @@ import torch.nn.functional as F
 
 from trainer.config import TMAConfig
 from trainer.losses.clip import clip_loss, contrastive_from_logits
-from trainer.losses.dist import all_reduce_sum, gather_with_grad
+from trainer.losses.dist import all_reduce_min, all_reduce_sum, gather_with_grad
+from trainer.losses.sentence import sentence_loss
 
 
 def token_region_similarity(regions: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
@@ -58,7 +61,12 @@ def token_region_similarity_reference(regions, tokens, token_mask, attn_temperat
 
 def local_alignment_loss(view_regions: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
                          cfg: TMAConfig) -> torch.Tensor:
-    """view_regions (B,V,N,D): InfoNCE over token-region similarities, averaged over views."""
+    """view_regions (B,V,N,D): InfoNCE over token-region similarities, averaged over views. Ranks
+    may bring different token counts (the model packs them): each pads to the longest."""
+    longest = -all_reduce_min(-tokens.shape[1])
+    if longest > tokens.shape[1]:
+        tokens = F.pad(tokens, (0, 0, 0, longest - tokens.shape[1]))
+        token_mask = F.pad(token_mask, (0, longest - token_mask.shape[1]))
     all_tokens, all_mask = gather_with_grad(tokens), gather_with_grad(token_mask)
     losses = []
     for v in range(view_regions.shape[1]):
@@ -118,6 +126,11 @@ class T3DLoss:
         if c.w_clip > 0:
             terms["clip"] = clip_loss(out["img"], out["txt"], out["logit_scale"])
             total = total + c.w_clip * terms["clip"]
+        if c.w_sentence > 0:
+            if "sentences" not in out:
+                raise ValueError("tma.w_sentence > 0 but the model gave no sentence embeddings (model.text_unit=sentence?)")
+            terms["sentence"] = sentence_loss(out["img"], out["sentences"], out["sentence_mask"], out["logit_scale"])
+            total = total + c.w_sentence * terms["sentence"]
         if c.enabled and "view_regions" in out:
             vr, tok, tm = out["view_regions"], out["tokens"], out["token_mask"]
             if c.w_local > 0:

@@ -36,6 +36,19 @@ def content_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def pack_tokens(tokens: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,L,D) tokens and their (B,L) mask -> the same tokens with each row's valid ones first (in
+    order) and the columns no row uses cut off. Every use of the tokens pools over them (mean,
+    log-sum-exp, attention), so order is free; a padded sentence-level report is mostly padding
+    (16 sentences x 32 slots for ~50 words), which the token-region term would pay for."""
+    if token_mask.shape[1] == 0:
+        return tokens, token_mask
+    order = torch.argsort((token_mask <= 0).to(torch.int8), dim=1, stable=True)
+    keep = max(1, int((token_mask > 0).sum(1).max()))
+    idx = order[:, :keep]
+    return tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1])), token_mask.gather(1, idx)
+
+
 def projection(kind: str, d_in: int, d_out: int) -> nn.Module:
     """Head into the shared space: ``linear`` (CLIP) or ``mlp`` (Linear-GELU-Linear, SimCLR/ConVIRT)."""
     if kind == "linear":
@@ -81,12 +94,17 @@ class T3D(nn.Module):
         """The image encoder's pooled features (B,C) -> normalized embedding in the shared space (B,E)."""
         return F.normalize(self.img_proj(pooled), dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sentences: bool = False):
         """Reports (B,L), or reports as sentences (B,S,Ls) (``model.text_unit=sentence``, from
         ``common.text.encode_reports``) -> normalized report (B,E), normalized tokens (B,L',Dl) and
         their mask (B,L') without CLS/SEP/PAD. A sentence-level report embedding is the mean of its
-        sentences' projected embeddings (each sentence encoded on its own)."""
+        sentences' projected embeddings (each sentence encoded on its own). With ``sentences``
+        (sentence unit only), also each sentence's normalized embedding (B,S,E) and the sentence
+        mask (B,S), for the sentence-image term (``tma.w_sentence``)."""
         if input_ids.ndim == 2:
+            if sentences:
+                raise ValueError("sentence embeddings need model.text_unit=sentence (input ids (B,S,Ls)), "
+                                 f"got input ids of shape {tuple(input_ids.shape)}")
             pooled, tokens = self.text(input_ids, attention_mask)
             return (F.normalize(self.txt_proj(pooled), dim=-1), F.normalize(self.local_head(tokens, image=False), dim=-1),
                     content_mask(attention_mask).to(tokens.dtype))
@@ -103,8 +121,13 @@ class T3D(nn.Module):
         local = self.local_head(states, image=False)
         tokens = local.new_zeros(b * s, n, local.shape[-1])
         tokens[present] = local
-        return (F.normalize(report, dim=-1), F.normalize(tokens.view(b, s * n, -1), dim=-1),
-                content_mask(am).view(b, s * n).to(local.dtype))
+        out = (F.normalize(report, dim=-1), F.normalize(tokens.view(b, s * n, -1), dim=-1),
+               content_mask(am).view(b, s * n).to(local.dtype))
+        if not sentences:
+            return out
+        each = sent.new_zeros(b * s, sent.shape[1])
+        each[present] = F.normalize(sent, dim=-1)
+        return (*out, each.view(b, s, -1), present.view(b, s))
 
     def prototype_scores(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled view features (..., Dl) -> cosine scores with the prototypes (..., K).
@@ -116,9 +139,13 @@ class T3D(nn.Module):
                 views: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """image (B,1,D,H,W); views (B,V,1,d,h,w) or None. Returns every tensor the losses need."""
         img, _ = self.encode_image(image)
-        txt, tokens, tmask = self.encode_text(input_ids, attention_mask)
+        per_sentence = self.tcfg.w_sentence > 0
+        txt, tokens, tmask, *sent = self.encode_text(input_ids, attention_mask, sentences=per_sentence)
+        tokens, tmask = pack_tokens(tokens, tmask)
         out = {"img": img, "txt": txt, "tokens": tokens, "token_mask": tmask,
                "logit_scale": self.logit_scale.clamp(0, math.log(100.0)).exp()[0]}
+        if per_sentence:
+            out["sentences"], out["sentence_mask"] = sent
         if views is not None and views.shape[1] > 0:
             b, v = views.shape[:2]
             vg, vr = self.encode_image(views.flatten(0, 1))
