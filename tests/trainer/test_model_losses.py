@@ -15,6 +15,7 @@ from trainer.config import TMAConfig
 from trainer.losses import (T3DLoss, clip_loss, consistency_loss, local_alignment_loss, sentence_loss,
                             token_region_similarity)
 from trainer.losses.tma import sinkhorn
+from trainer.losses.dist import ranks_agree
 from trainer.model import build_model
 from trainer.model.t3d import count_parameters, pack_tokens
 
@@ -298,8 +299,9 @@ def _worker(rank, world, b, path, init):
     grads /= world
     lt = loss.detach().clone()
     dist.all_reduce(lt)
+    agree = (ranks_agree(b, 3), ranks_agree(b, rank))      # the sentence term's shape check
     if rank == 0:
-        torch.save({"loss": lt / world, "grads": grads}, path)
+        torch.save({"loss": lt / world, "grads": grads, "agree": agree}, path)
     dist.barrier()                 # nobody tears gloo down while a peer still uses it
     dist.destroy_process_group()
     # CI once saw a rank abort at interpreter exit ("terminate called without an active exception")
@@ -323,6 +325,7 @@ def test_two_ranks_equal_one_rank_double_batch(tmp_path):
     ref_grads = torch.cat([p.grad.flatten() for p in m.parameters()])
     assert torch.allclose(got["loss"], ref.detach(), atol=1e-5), (got["loss"], ref)
     assert torch.allclose(got["grads"], ref_grads, atol=1e-5), (got["grads"] - ref_grads).abs().max()
+    assert got["agree"] == (True, False)
 
 
 def test_tokenizer_from_reports_is_reproducible(realdata):

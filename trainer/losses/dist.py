@@ -38,3 +38,14 @@ def all_reduce_min(x: int) -> int:
     if ws > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def ranks_agree(*xs: int) -> bool:
+    """True when every rank passed the same integers: one MIN all-reduce of (x, -x)."""
+    _, ws = world()
+    if ws == 1:
+        return True
+    t = torch.tensor([int(x) for x in xs] + [-int(x) for x in xs])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    n = len(xs)
+    return bool(torch.equal(t[:n], -t[n:]))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.losses.dist import all_reduce_min, gather_with_grad, world
+from trainer.losses.dist import gather_with_grad, ranks_agree, world
 
 
 def sentence_loss(img: torch.Tensor, sents: torch.Tensor, smask: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def sentence_loss(img: torch.Tensor, sents: torch.Tensor, smask: torch.Tensor, l
         raise ValueError(f"sentence_loss: img {tuple(img.shape)}, sentences {tuple(sents.shape)} and "
                          f"mask {tuple(smask.shape)} disagree")
     rank, ws = world()
-    if ws > 1 and (all_reduce_min(b) != b or -all_reduce_min(-s) != s or all_reduce_min(s) != s):
+    if not ranks_agree(b, s):
         raise ValueError(f"sentence_loss: every rank needs the same batch and sentence count, rank {rank} has {b} x {s}")
     flat, present = sents.reshape(b * s, e), smask.reshape(b * s).bool()
     owner = torch.arange(b, device=img.device).repeat_interleave(s) + rank * b
