@@ -146,6 +146,12 @@ def table(res: dict, n_boot: int, seed: int) -> tuple[str, dict]:
         vals = [np.mean([roc_auc_score(y[:, FINDINGS.index(f)], np.array(res[v][f"report_probs_{prompts}"])[:, FINDINGS.index(f)])
                          for f in PLANTED]) for v in vs]
         lines.append(f"{'zero-shot on report embeddings (' + prompts + ')':38s} " + "  ".join(f"{x:8.3f}" for x in vals))
+    # the prompts replaced by report centroids: train wording (what the prompts' wording loses) and
+    # held-out wording (valid, the second bank)
+    for split in ("train", "valid"):
+        vals = [np.mean([res[v]["metrics"].get(f"zeroshot/report_centroid/{split}/auc/{f}", float("nan"))
+                         for f in PLANTED]) for v in vs]
+        lines.append(f"{'zero-shot, ' + split + ' report centroids':38s} " + "  ".join(f"{x:8.3f}" for x in vals))
     return "\n".join(lines), summary
 
 

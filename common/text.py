@@ -71,14 +71,50 @@ def split_sentences(report: str) -> list[str]:
     return out or [report.strip()]
 
 
+# NegEx-style negation cues (Chapman et al. 2001, the cue family radiology labelers use): removing
+# them turns a negated statement into an affirmed one. Order matters: "there is no" before "no".
+_NEGATED = [(re.compile(r"\b(there (?:is|are|was|were)) no\b\s*", re.I), r"\1 "),
+            (re.compile(r"^no evidence of\s+", re.I), ""),
+            (re.compile(r"\b(is|are|was|were|has been|have been|could be|can be)\s+not\b", re.I), r"\1"),
+            (re.compile(r"\bnot\s+", re.I), ""),
+            (re.compile(r"\bno\s+", re.I), ""),
+            (re.compile(r"\bwithout\b", re.I), "with")]
+_HAS_CUE = re.compile(r"\b(no|not|without)\b", re.I)
+_COPULA = re.compile(r"\b(is|are|was|were)\b", re.I)
+_THERE = re.compile(r"^(there (?:is|are|was|were))\s+(?:an?\s+)?", re.I)
+
+
+def negate_sentence(sentence: str) -> str:
+    """The sentence with its polarity flipped, by rule: a negated statement ("No pleural effusion.",
+    "X was not observed.", "There is no X.", "... without X") loses its negation cues; an affirmed
+    one gains one ("There is a X" -> "There is no X", the first copula "is" -> "is not", otherwise
+    "No " in front). Generic English negation, not the zero-shot prompts' wording; the result is a
+    statement that is false of the study whose report held the original (a hard negative for the
+    sentence term, ``data.augment.negated_sentences``). Grammar may suffer; polarity does not."""
+    s = sentence.strip()
+    if _HAS_CUE.search(s):
+        for pat, rep in _NEGATED:
+            s = pat.sub(rep, s)
+        s = re.sub(r"\s{2,}", " ", s).strip()
+    elif _THERE.search(s):
+        s = _THERE.sub(lambda m: m.group(1) + " no ", s, count=1)
+    elif _COPULA.search(s):
+        s = _COPULA.sub(lambda m: m.group(1) + " not", s, count=1)
+    else:
+        s = "No " + s[:1].lower() + s[1:]
+    return s[:1].upper() + s[1:] if s else sentence
+
+
 def encode_reports(tokenizer, texts: Sequence[str], unit: str = "report", max_tokens: int = 256,
                    max_sentences: int = 32, max_sentence_tokens: int = 48, pad_to_max: bool = False,
-                   return_tensors: str = "pt") -> dict:
+                   return_tensors: str = "pt", negations: bool = False) -> dict:
     """THE tokenization of reports, for the loader, the trainer's health batch and the evaluators.
     ``unit="report"``: ids (B, L); ``unit="sentence"``: each report split into sentences
     (``split_sentences``, at most ``max_sentences``; the rest is cut), ids (B, S, Ls) with a
     mask that is 0 for missing sentences. ``pad_to_max`` pads to the maximum lengths (fixed shapes
-    for the loader's batches) instead of the longest in the batch."""
+    for the loader's batches) instead of the longest in the batch. ``negations`` (sentence unit
+    only) also returns ``neg_input_ids`` / ``neg_attention_mask`` of the same shape: sentence s of
+    report b flipped by ``negate_sentence``."""
     if unit == "report":
         return dict(tokenizer(list(texts), padding="max_length" if pad_to_max else "longest", truncation=True,
                               max_length=max_tokens, return_tensors=return_tensors))
@@ -87,19 +123,26 @@ def encode_reports(tokenizer, texts: Sequence[str], unit: str = "report", max_to
     import numpy as np
 
     sents = [split_sentences(t)[:max_sentences] for t in texts]
-    flat = [s for ss in sents for s in ss]
-    enc = tokenizer(flat, padding="max_length" if pad_to_max else "longest", truncation=True,
-                    max_length=max_sentence_tokens, return_tensors="np")
     s_max = max_sentences if pad_to_max else max(len(ss) for ss in sents)
-    ids = np.full((len(texts), s_max, enc["input_ids"].shape[1]), tokenizer.pad_token_id, np.int64)
-    mask = np.zeros(ids.shape, np.int64)
-    k = 0
-    for b, ss in enumerate(sents):
-        ids[b, :len(ss)] = enc["input_ids"][k:k + len(ss)]
-        mask[b, :len(ss)] = enc["attention_mask"][k:k + len(ss)]
-        k += len(ss)
+
+    def pack(per_report):
+        flat = [s for ss in per_report for s in ss]
+        enc = tokenizer(flat, padding="max_length" if pad_to_max else "longest", truncation=True,
+                        max_length=max_sentence_tokens, return_tensors="np")
+        ids = np.full((len(texts), s_max, enc["input_ids"].shape[1]), tokenizer.pad_token_id, np.int64)
+        mask = np.zeros(ids.shape, np.int64)
+        k = 0
+        for b, ss in enumerate(per_report):
+            ids[b, :len(ss)] = enc["input_ids"][k:k + len(ss)]
+            mask[b, :len(ss)] = enc["attention_mask"][k:k + len(ss)]
+            k += len(ss)
+        return ids, mask
+
+    out = dict(zip(("input_ids", "attention_mask"), pack(sents)))
+    if negations:
+        out.update(zip(("neg_input_ids", "neg_attention_mask"), pack([[negate_sentence(s) for s in ss] for ss in sents])))
     if return_tensors == "pt":
         import torch
 
-        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-    return {"input_ids": ids, "attention_mask": mask}
+        return {k: torch.from_numpy(v) for k, v in out.items()}
+    return out

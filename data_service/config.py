@@ -26,6 +26,7 @@ class AugmentConfig:
     noise_std: float = 0.0                      # gaussian noise on normalised intensity
     sentence_keep: float = 1.0                  # each report sentence kept with this probability (>= 1 kept)
     sentence_shuffle: bool = False              # shuffle the sentences within each report section
+    negated_sentences: bool = False             # each sentence's polarity flipped: a hard negative (tma.w_sentence)
 
 
 @dataclass

@@ -144,9 +144,11 @@ class DecodeCrop:
                 image[i], views[i] = 0, 0
                 reports.append("")
                 errors.append(str(e)[:500])
+        neg = self.text_unit == "sentence" and d.augment.negated_sentences
         enc = encode_reports(self.tok, reports, self.text_unit, d.max_text_tokens, d.max_sentences,
-                             d.max_sentence_tokens, pad_to_max=True, return_tensors="np")
-        return {"key": batch["key"], "micro": batch["micro"], "position": batch["position"] if "position" in batch else np.full(n, -1), "ok": ok, "error": np.array(errors, dtype=object),
+                             d.max_sentence_tokens, pad_to_max=True, return_tensors="np", negations=neg)
+        extra = {k: enc[k].astype(np.int64) for k in ("neg_input_ids", "neg_attention_mask") if k in enc}
+        return {**extra, "key": batch["key"], "micro": batch["micro"], "position": batch["position"] if "position" in batch else np.full(n, -1), "ok": ok, "error": np.array(errors, dtype=object),
                 "image": image, "views": views, "params": params, "input_ids": enc["input_ids"].astype(np.int64),
                 "attention_mask": enc["attention_mask"].astype(np.int64)}
 

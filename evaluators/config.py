@@ -26,6 +26,7 @@ class EvalConfig:
     seg_classes: list[str] = field(default_factory=lambda: ["lung", "heart", "aorta", "bone"])  # mask value i+1
     seg_roi: list[int] = field(default_factory=list)   # train on random crops, infer by sliding window; [] = whole
     seg_lr: float = 1e-3
+    centroid_reports: int = 2000                # train reports (text only) for zeroshot/report_centroid/train; 0 = off
     reportgen_steps: int = 60
     reportgen_lr: float = 1e-3
     best_metric: str = "zeroshot/mean_auc"       # higher is better; its best checkpoint is registered
@@ -41,4 +42,5 @@ class EvalConfig:
             raise ConfigError("eval.seg_classes: need at least one class name")
         check_range("eval.every_n_checkpoints", self.every_n_checkpoints, 1)
         check_range("eval.bootstrap", self.bootstrap, 0)
+        check_range("eval.centroid_reports", self.centroid_reports, 0)
         return self

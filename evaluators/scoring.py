@@ -75,6 +75,36 @@ def score_zeroshot(sc: Scoring, extras: dict) -> dict[str, float]:
             test["labels"], e.bootstrap, sc.cfg.train.seed)
     except ValueError as err:
         raise ValueError(f"{sc.shards}: {err} ({e.split_threshold} / {e.split_test})") from err
+    out.update(centroid_readout(thr, test, scale, e.split_threshold))
+    if e.centroid_reports > 0:
+        tr = features.embed_reports(sc.model, sc.tok, sc.cfg, sc.shards, "train", e.centroid_reports)
+        out.update(centroid_readout(tr, test, scale, "train"))
+    return out
+
+
+def centroid_readout(ref: dict, test: dict, scale: float, name: str) -> dict[str, float]:
+    """Zero-shot with the prompts replaced by report centroids of split ``name`` (``ref``: its
+    report embeddings ``txt`` and ``labels``): per label, the mean report embedding of the studies
+    with it and of those without -> ``zeroshot/report_centroid/{name}/*``. With the *train*
+    reports (the wording the text tower learnt), the gap to the prompts' AUC is what the prompts'
+    wording loses: a text tower that cannot compose an unseen sentence. With held-out reports it
+    also measures unseen report wording. A low centroid AUC means image and report do not agree
+    on that finding at all. Labels without both classes in either split are skipped."""
+    from sklearn.metrics import roc_auc_score
+
+    from common.labels import FINDINGS
+    from evaluators.tasks.zeroshot import two_classes, zeroshot_probs
+
+    txt, y = torch.nn.functional.normalize(ref["txt"].float(), dim=-1), ref["labels"]
+    have = [k for k in range(y.shape[1]) if two_classes(y[:, k]) and two_classes(test["labels"][:, k])]
+    if not have:
+        return {}
+    cent = torch.stack([torch.stack([txt[torch.from_numpy(y[:, k] == 1)].mean(0), txt[torch.from_numpy(y[:, k] == 0)].mean(0)])
+                        for k in have])
+    p = zeroshot_probs(test["img"], torch.nn.functional.normalize(cent, dim=-1), scale)
+    out = {f"zeroshot/report_centroid/{name}/auc/{FINDINGS[k]}": float(roc_auc_score(test["labels"][:, k], p[:, i]))
+           for i, k in enumerate(have)}
+    out[f"zeroshot/report_centroid/{name}/mean_auc"] = float(np.mean(list(out.values())))
     return out
 
 

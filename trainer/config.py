@@ -33,6 +33,8 @@ class ModelConfig:
     no_max_pool: Optional[bool] = None
     image_norm: str = "batch"                   # "batch" | "group" | "instance" (docs/design.md)
     image_pool: str = "mean"                    # global image feature over the last grid: "mean" | "max" | "gem" (p=3)
+    input_windows: list[list[float]] = field(default_factory=list)  # extra HU windows as input channels (docs/design.md)
+    input_range: Optional[list[float]] = None   # the HU range of the [0, 1] input: set from data.hu_window
     text_encoder: Optional[str] = None          # local dir of a HF BERT (e.g. MedCPT); None = random init
     text_hidden: Optional[int] = None
     text_layers: Optional[int] = None
@@ -63,6 +65,14 @@ class ModelConfig:
         if self.image_norm == "group" and any(w % 8 for w in self.image_widths):
             raise ConfigError(f"model.image_norm=group needs model.image_widths divisible by 8, got {self.image_widths}")
         check_range("model.text_dropout", self.text_dropout, 0.0, 0.9)
+        data = getattr(root, "data", None)
+        if data is not None:
+            self.input_range = [float(v) for v in data.hu_window]
+        lo, hi = self.input_range or (-1000.0, 1000.0)
+        for w in self.input_windows:
+            if len(w) != 2 or not lo <= float(w[0]) < float(w[1]) <= hi:
+                raise ConfigError(f"model.input_windows: {w!r} must be [low, high] HU with "
+                                  f"{lo:g} <= low < high <= {hi:g} (data.hu_window)")
         return self
 
 
@@ -100,6 +110,10 @@ class TMAConfig:
         unit = getattr(getattr(root, "model", None), "text_unit", None)
         if self.w_sentence > 0 and unit is not None and unit != "sentence":
             raise ConfigError(f"tma.w_sentence={self.w_sentence} needs model.text_unit=sentence, got {unit!r}")
+        aug = getattr(getattr(root, "data", None), "augment", None)
+        if getattr(aug, "negated_sentences", False) and (self.w_sentence <= 0 or unit != "sentence"):
+            raise ConfigError("data.augment.negated_sentences feeds the sentence term: it needs tma.w_sentence > 0 "
+                              f"and model.text_unit=sentence, got tma.w_sentence={self.w_sentence}, text_unit={unit!r}")
         return self
 
 

@@ -25,6 +25,8 @@ class Batch:
     params: torch.Tensor                # (B, 1 + V, 7) float64: row 0 the whole volume, then the views
     input_ids: torch.Tensor             # (B, L)
     attention_mask: torch.Tensor        # (B, L)
+    neg_input_ids: torch.Tensor | None = None       # (B, S, Ls) each sentence negated (data.augment.negated_sentences)
+    neg_attention_mask: torch.Tensor | None = None
 
     @classmethod
     def from_numpy(cls, b: dict[str, Any], device, views: bool, rows: np.ndarray | None = None) -> "Batch":
@@ -33,7 +35,8 @@ class Batch:
             a = b[name] if rows is None else b[name][rows]
             return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
-        return cls(t("image"), t("views") if views else None, t("params"), t("input_ids"), t("attention_mask"))
+        neg = [t(k) if k in b else None for k in ("neg_input_ids", "neg_attention_mask")]
+        return cls(t("image"), t("views") if views else None, t("params"), t("input_ids"), t("attention_mask"), *neg)
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -55,7 +58,8 @@ def train_step(engine, loss_fn, batch: Batch, data: DataConfig, dtype: torch.dty
     """Forward, loss, backward and (at an accumulation boundary) the optimizer step; returns the
     loss terms as floats."""
     image, views = model_inputs(batch, data, dtype, kernel)
-    out = engine(image, batch.input_ids, batch.attention_mask, views)
+    negations = None if batch.neg_input_ids is None else (batch.neg_input_ids, batch.neg_attention_mask)
+    out = engine(image, batch.input_ids, batch.attention_mask, views, negations)
     loss, logs = loss_fn(out)
     engine.backward(loss)
     engine.step()

@@ -73,6 +73,28 @@ def embed_split(model, tokenizer, cfg, shards: str, split: str, batch: int = 8, 
     return out
 
 
+@torch.no_grad()
+def embed_reports(model, tokenizer, cfg, shards: str, split: str, limit: int, batch: int = 64) -> dict[str, Any]:
+    """Text only (no volume is decoded): the first ``limit`` labelled reports of ``split`` ->
+    {txt (N,E) normalized, labels (N,18)}. Bounded whatever the split's size."""
+    from data_service.shards import iter_split
+
+    dev = model_device(model)
+    texts, labels = [], []
+    for s in iter_split(shards, split, decode_ct=False):
+        if len(texts) >= limit:
+            break
+        if s["meta"].get("labels"):
+            texts.append(s["report"])
+            labels.append(_labels(s))
+    txts = []
+    for i in range(0, len(texts), batch):
+        enc = tokenize_reports(tokenizer, texts[i:i + batch], cfg)
+        txt, _, _ = model.encode_text(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
+        txts.append(txt.float().cpu())
+    return {"txt": torch.cat(txts) if txts else torch.zeros(0, 1), "labels": np.array(labels, float).reshape(-1, len(FINDINGS))}
+
+
 def load_volumes(shards: str, split: str, masks: bool = False) -> dict[str, Any]:
     """One split in memory, compactly: hu (N,1,D,H,W) int16, y (N,1,D,H,W) uint8 label maps
     (``masks``), reports, keys. Normalise batches with ``to_model_input`` when they are used."""

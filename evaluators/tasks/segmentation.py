@@ -26,6 +26,7 @@ class ResNetUNet(nn.Module):
         from monai.networks.blocks import UnetBasicBlock, UnetOutBlock
 
         self.net = encoder.net
+        self.windows = encoder.windows                     # model.input_windows channels, as pretrained
         n = self.net
         stages = [n.layer1, n.layer2, n.layer3, n.layer4]
         widths = [_channels(n.bn1)] + [_out_channels(s) for s in stages]       # stem, layer1..4
@@ -39,7 +40,7 @@ class ResNetUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
-        s0 = n.act(n.bn1(n.conv1(x)))
+        s0 = n.act(n.bn1(n.conv1(self.windows(x))))
         h = s0 if n.no_max_pool else n.maxpool(s0)
         skips = [s0]
         for stage in (n.layer1, n.layer2, n.layer3):

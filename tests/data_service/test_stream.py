@@ -98,3 +98,29 @@ def test_decode_actor_flags_corrupt_sample(phantom, debug_cfg, tmp_path):
     good = [s for s in iter_split(phantom / "shards", "train") if s["key"] == keys[0]][0]
     assert np.array_equal(out["image"][0, 0], good["ct"])        # no shift configured: the stored volume
     assert not out["views"][1].any() and out["error"][0] == ""
+
+
+def test_decode_actor_ships_negated_sentences(phantom, debug_cfg, tmp_path):
+    """data.augment.negated_sentences: the loader tokenizes each sentence flipped, in the same
+    (B, S, Ls) slots as the sentences, so sentence s's negation sits beside it."""
+    import dataclasses
+
+    from common.text import build_tokenizer, negate_sentence, split_sentences
+
+    index = build_index(phantom / "shards", "train")
+    keys = sorted(index)[:2]
+    report = {s["key"]: s["report"] for s in iter_split(phantom / "shards", "train", decode_ct=False)}
+    tok_dir = tmp_path / "tok"
+    tok = build_tokenizer(list(report.values()) + ["no not"], 400, tok_dir)
+    data = dataclasses.replace(debug_cfg.data, augment=dataclasses.replace(debug_cfg.data.augment, negated_sentences=True))
+    actor = DecodeCrop(data, str(tok_dir), seed=0, text_unit="sentence")
+    batch = {"key": np.array(keys), "micro": np.array([0, 0]), "position": np.array([2, 2]),
+             "shard": np.array([index[k]["shard"] for k in keys]),
+             "members": np.array([json.dumps(index[k]["members"]) for k in keys])}
+    out = actor(batch)
+    assert out["neg_input_ids"].shape == out["input_ids"].shape == (2, data.max_sentences, data.max_sentence_tokens)
+    assert np.array_equal(out["neg_attention_mask"][:, :, 0], out["attention_mask"][:, :, 0])
+    first = split_sentences(report[keys[0]])[0]                 # debug preset: no sentence dropping
+    assert tok.decode(out["input_ids"][0, 0], skip_special_tokens=True) == first.lower()
+    assert tok.decode(out["neg_input_ids"][0, 0], skip_special_tokens=True) == negate_sentence(first).lower()
+    assert "neg_input_ids" not in DecodeCrop(debug_cfg.data, str(tok_dir), seed=0, text_unit="sentence")(batch)

@@ -43,6 +43,30 @@ def test_zeroshot_softmax_hand_case():
     assert p.shape == (1, 1) and abs(p[0, 0] - np.exp(2) / (np.exp(2) + 1)) < 1e-6
 
 
+def test_report_centroid_readout_finds_aligned_labels_only():
+    """Label 0 moves both the image and the report along one direction; label 1 only the report,
+    label 2 is absent from the threshold split: AUC ~1, ~0.5, skipped."""
+    from evaluators.scoring import centroid_readout
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        y = np.zeros((n, len(FINDINGS)), np.float32)
+        y[:, 0] = np.arange(n) % 2
+        y[:, 1] = (np.arange(n) // 2) % 2
+        d0, d1 = torch.zeros(16), torch.zeros(16)
+        d0[0], d1[1] = 3.0, 3.0
+        lab = torch.from_numpy(y)
+        img = F.normalize(torch.randn(n, 16, generator=g) + lab[:, :1] * d0, dim=-1)
+        txt = F.normalize(torch.randn(n, 16, generator=g) + lab[:, :1] * d0 + lab[:, 1:2] * d1, dim=-1)
+        return {"img": img, "txt": txt, "labels": y}
+
+    out = centroid_readout(split(80), split(80), 10.0, "train")
+    assert out[f"zeroshot/report_centroid/train/auc/{FINDINGS[0]}"] > 0.95
+    assert 0.3 < out[f"zeroshot/report_centroid/train/auc/{FINDINGS[1]}"] < 0.7
+    assert f"zeroshot/report_centroid/train/auc/{FINDINGS[2]}" not in out and len(out) == 3
+
+
 def test_recall_hand_case():
     img = F.normalize(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]), dim=-1)
     txt = F.normalize(torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]]), dim=-1)   # 2 and 3 swapped

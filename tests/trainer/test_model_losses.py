@@ -135,6 +135,98 @@ def test_sentence_term_trains_both_towers_and_needs_the_sentence_unit():
     assert m.text.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
 
 
+def test_negated_sentences_are_hard_negatives_of_their_own_volume_only():
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(4, 16), dim=-1)
+    sents = F.normalize(img[:, None] + 0.3 * torch.randn(4, 3, 16), dim=-1)
+    smask = torch.ones(4, 3, dtype=torch.bool)
+    scale = torch.tensor(20.0)
+    base = sentence_loss(img, sents, smask, scale)
+    # a flipped statement far from its volume costs ~nothing; one near it (the tower cannot tell
+    # the polarity) costs, and so the gradient teaches the difference
+    far = F.normalize(-img[:, None].expand(-1, 3, -1).clone(), dim=-1)
+    near = sents.clone()
+    nmask = torch.ones(4, 3, dtype=torch.bool)
+    assert abs(float(sentence_loss(img, sents, smask, scale, far, nmask)) - float(base)) < 1e-3
+    assert sentence_loss(img, sents, smask, scale, near, nmask) > base + 0.2
+    # a negation is a negative for its own volume only: another volume's close statement does not count
+    other = near[torch.tensor([1, 2, 3, 0])]
+    mixed = sentence_loss(img, sents, smask, scale, other, nmask)
+    assert mixed < sentence_loss(img, sents, smask, scale, near, nmask)
+    # masked negations are ignored, whatever their embedding
+    torch.testing.assert_close(sentence_loss(img, sents, smask, scale, near, torch.zeros_like(nmask)), base)
+    with pytest.raises(ValueError, match="negations"):
+        sentence_loss(img, sents, smask, scale, near[:3], nmask[:3])
+
+
+def test_negate_sentence_flips_polarity_of_real_report_sentences(realdata):
+    """On real CT-RATE report sentences (nobody here wrote them) every flip changes whether a
+    negation cue is present, and keeps the sentence's other words."""
+    import csv
+    import re
+
+    from common.text import negate_sentence, split_sentences
+
+    cue = re.compile(r"\b(no|not|without)\b", re.I)
+    rows = list(csv.DictReader(open(realdata / "ctclip_reports/train.csv", encoding="utf-8")))[:60]
+    sents = [s for r in rows for s in split_sentences(r["report_text"])]
+    assert len(sents) > 300
+    for s in sents:
+        n = negate_sentence(s)
+        assert bool(cue.search(n)) != bool(cue.search(s)), (s, n)
+        words = set(re.findall(r"[a-z]+", s.lower())) - {"no", "not", "without", "with", "a", "an"}
+        assert words <= set(re.findall(r"[a-z]+", n.lower())) | {"evidence", "of"}, (s, n)
+    assert negate_sentence("Pleural effusion-thickening was not observed.") == "Pleural effusion-thickening was observed."
+    assert negate_sentence("Diffuse emphysema.") == "No diffuse emphysema."
+    assert negate_sentence("There is a 9 mm nodule.") == "There is no 9 mm nodule."
+
+
+def test_negated_sentences_reach_the_loss_through_the_model():
+    from common.config import ConfigError
+    from common.text import build_tokenizer, encode_reports
+
+    with pytest.raises(ConfigError, match="negated_sentences"):
+        load_config(REPO / "configs/debug.yaml", ["data.augment.negated_sentences=true"])
+    cfg = load_config(REPO / "configs/debug.yaml", ["model.text_unit=sentence", "tma.w_sentence=1.0", "tma.w_clip=0",
+                                                    "tma.enabled=false", "data.augment.negated_sentences=true"])
+    reports = ["No pleural effusion. Heart size is normal.", "A 6 mm nodule is seen.", "Cardiomegaly. No nodule."]
+    tok = build_tokenizer(reports + ["not"], 200)
+    enc = encode_reports(tok, reports, "sentence", max_sentences=4, max_sentence_tokens=16, negations=True)
+    assert enc["neg_input_ids"].shape[:2] == enc["input_ids"].shape[:2]
+    assert tok.decode(enc["neg_input_ids"][1, 0], skip_special_tokens=True) == "a 6 mm nodule is not seen."
+    torch.manual_seed(0)
+    m = build_model(cfg, len(tok))
+    img = torch.rand(3, 1, *cfg.data.size)
+    out = m(img, enc["input_ids"], enc["attention_mask"], None, (enc["neg_input_ids"], enc["neg_attention_mask"]))
+    assert out["negations"].shape == out["sentences"].shape
+    assert torch.equal(out["negation_mask"], out["sentence_mask"])
+    with_neg, _ = T3DLoss(cfg.tma)(out)
+    out.pop("negations")
+    without, _ = T3DLoss(cfg.tma)(out)
+    assert with_neg > without                      # the negatives enter the softmax
+
+
+def test_input_windows_add_exact_hu_channels():
+    from common.config import ConfigError
+    from trainer.model.image import ImageEncoder, InputWindows
+
+    w = InputWindows([[-160.0, 240.0], [300.0, 1000.0]], [-1000.0, 1000.0])
+    hu = torch.tensor([-1000.0, -850.0, 40.0, 700.0, 900.0, 1000.0])
+    x = ((hu + 1000) / 2000).view(1, 1, -1)
+    y = w(x)[0]
+    torch.testing.assert_close(y[0], x[0, 0])
+    torch.testing.assert_close(y[1], ((hu + 160) / 400).clamp(0, 1))
+    torch.testing.assert_close(y[2], ((hu - 300) / 700).clamp(0, 1))
+    cfg = load_config(REPO / "configs/debug.yaml", ["model.input_windows=[[-160,240],[300,1000]]"])
+    assert cfg.model.input_range == cfg.data.hu_window
+    enc = ImageEncoder(cfg.model)
+    assert enc.net.conv1.in_channels == 3
+    g, local, grid = enc(torch.rand(2, 1, *cfg.data.size))
+    assert g.shape[0] == 2
+    with pytest.raises(ConfigError, match="input_windows"):
+        load_config(REPO / "configs/debug.yaml", ["model.input_windows=[[300,2000]]"])
+
+
 def test_local_alignment_low_when_tokens_match_regions():
     torch.manual_seed(0)
     b, n, l, d = 8, 20, 6, 32

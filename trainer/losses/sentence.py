@@ -9,6 +9,13 @@ asks it in training, in both directions, with negatives from every rank:
                       are the positives (multi-positive: the mean of their log-probabilities).
 The same statement in another study's report ("No consolidation.") is a negative for this volume;
 in expectation that teaches p(volume | statement), which is what a prompt is scored on.
+
+Negated sentences (``negs``, from ``data.augment.negated_sentences``): each of the volume's own
+sentences with its polarity flipped ("No consolidation." -> "Consolidation."). A flipped statement
+is false of *this* volume by construction, so it joins this volume's volume -> sentence softmax as a
+negative (and no other volume's: for them it may be true). That is NegCLIP's hard-negative caption
+(Yuksekgonul et al., ICLR 2023) at sentence level: the volume must prefer what its report says over
+the same words with the opposite polarity, which is exactly the choice a zero-shot prompt pair poses.
 """
 from __future__ import annotations
 
@@ -18,9 +25,11 @@ import torch.nn.functional as F
 from trainer.losses.dist import gather_with_grad, ranks_agree, world
 
 
-def sentence_loss(img: torch.Tensor, sents: torch.Tensor, smask: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """img (b,E) and sents (b,S,E) L2-normalized, smask (b,S) True where a sentence is. Every rank
-    needs the same b and S (the loader pads reports to ``data.max_sentences``)."""
+def sentence_loss(img: torch.Tensor, sents: torch.Tensor, smask: torch.Tensor, logit_scale: torch.Tensor,
+                  negs: torch.Tensor | None = None, nmask: torch.Tensor | None = None) -> torch.Tensor:
+    """img (b,E) and sents (b,S,E) L2-normalized, smask (b,S) True where a sentence is; optional
+    ``negs`` (b,S',E) / ``nmask`` (b,S'): each volume's own false statements. Every rank needs the
+    same b and S (the loader pads reports to ``data.max_sentences``)."""
     b, s, e = sents.shape
     if img.shape[0] != b or smask.shape != (b, s):
         raise ValueError(f"sentence_loss: img {tuple(img.shape)}, sentences {tuple(sents.shape)} and "
@@ -36,7 +45,13 @@ def sentence_loss(img: torch.Tensor, sents: torch.Tensor, smask: torch.Tensor, l
     all_present = gather_with_grad(present.float()) > 0
     all_owner = torch.arange(ws * b, device=img.device).repeat_interleave(s)
     logits = (logit_scale * img.float() @ all_sent.float().t()).masked_fill(~all_present[None], float("-inf"))
-    logp = logits.log_softmax(-1)
+    if negs is not None:
+        if nmask is None or negs.shape[0] != b or nmask.shape != negs.shape[:2]:
+            raise ValueError(f"sentence_loss: negations {tuple(negs.shape)} / mask "
+                             f"{None if nmask is None else tuple(nmask.shape)} do not fit batch {b}")
+        own = (logit_scale * torch.einsum("be,bse->bs", img.float(), negs.float())).masked_fill(~nmask.bool(), float("-inf"))
+        logits = torch.cat([logits, own], 1)                                # positives stay in the first block
+    logp = logits.log_softmax(-1)[:, :all_sent.shape[0]]
     pos = (all_owner[None] == (torch.arange(b, device=img.device) + rank * b)[:, None]) & all_present[None]
     i2t = -(logp.masked_fill(~pos, 0.0).sum(1) / pos.sum(1).clamp_min(1))
     return 0.5 * (t2i + i2t.mean())

@@ -129,7 +129,8 @@ class T3DLoss:
         if c.w_sentence > 0:
             if "sentences" not in out:
                 raise ValueError("tma.w_sentence > 0 but the model gave no sentence embeddings (model.text_unit=sentence?)")
-            terms["sentence"] = sentence_loss(out["img"], out["sentences"], out["sentence_mask"], out["logit_scale"])
+            terms["sentence"] = sentence_loss(out["img"], out["sentences"], out["sentence_mask"], out["logit_scale"],
+                                             out.get("negations"), out.get("negation_mask"))
             total = total + c.w_sentence * terms["sentence"]
         if c.enabled and "view_regions" in out:
             vr, tok, tm = out["view_regions"], out["tokens"], out["token_mask"]

@@ -54,6 +54,26 @@ class MixedBatchNorm3d(nn.BatchNorm3d):
                             self.training, momentum, self.eps)
 
 
+class InputWindows(nn.Module):
+    """(B, 1, ...) input in [0, 1] over HU ``input_range`` -> (B, 1 + K, ...): the input plus one
+    channel per HU window of ``model.input_windows``, each clipped to [0, 1] (radiology's lung,
+    soft-tissue and bone windows). Exact re-windowing: the input is linear in HU inside its range.
+    No parameters; the first convolution sees the windows a radiologist would look through."""
+
+    def __init__(self, windows, input_range):
+        super().__init__()
+        lo, hi = input_range or (-1000.0, 1000.0)
+        w = torch.tensor([[(a - lo) / (hi - lo), (b - lo) / (hi - lo)] for a, b in windows], dtype=torch.float32)
+        self.register_buffer("bounds", w.reshape(-1, 2), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not len(self.bounds):
+            return x
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        a, b = self.bounds[:, 0].view(shape).to(x.dtype), self.bounds[:, 1].view(shape).to(x.dtype)
+        return torch.cat([x, ((x - a) / (b - a)).clamp(0.0, 1.0)], dim=1)
+
+
 class ImageEncoder(nn.Module):
     """MONAI ``ResNet`` (ResNet-50 in the paper preset, a tiny basic-block net in ``debug``);
     ``forward`` returns (global (B, C), local (B, N, C), grid (d, h, w))."""
@@ -63,12 +83,13 @@ class ImageEncoder(nn.Module):
         from monai.networks.nets import ResNet
 
         self.net = ResNet(block=cfg.image_block, layers=list(cfg.image_layers),
-                          block_inplanes=list(cfg.image_widths), spatial_dims=3, n_input_channels=1,
+                          block_inplanes=list(cfg.image_widths), spatial_dims=3, n_input_channels=1 + len(cfg.input_windows),
                           conv1_t_size=cfg.conv1_size, conv1_t_stride=cfg.conv1_stride, no_max_pool=cfg.no_max_pool,
                           feed_forward=False, norm=norm_layer(cfg.image_norm))
         for m in self.net.modules():
             if type(m) is nn.BatchNorm3d:
                 m.__class__ = MixedBatchNorm3d        # same state; see MixedBatchNorm3d
+        self.windows = InputWindows(cfg.input_windows, cfg.input_range)
         self.pool = cfg.image_pool
         expansion = 4 if cfg.image_block == "bottleneck" else 1
         self.out_dim = cfg.image_widths[-1] * expansion
@@ -77,7 +98,7 @@ class ImageEncoder(nn.Module):
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"image input must be (B, 1, D, H, W), got {tuple(x.shape)}")
         n = self.net
-        x = n.act(n.bn1(n.conv1(x)))
+        x = n.act(n.bn1(n.conv1(self.windows(x))))
         if not n.no_max_pool:
             x = n.maxpool(x)
         x = n.layer4(n.layer3(n.layer2(n.layer1(x))))

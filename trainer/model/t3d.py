@@ -136,8 +136,11 @@ class T3D(nn.Module):
         return z @ F.normalize(self.prototypes, dim=-1).t().to(z.dtype)
 
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                views: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """image (B,1,D,H,W); views (B,V,1,d,h,w) or None. Returns every tensor the losses need."""
+                views: torch.Tensor | None = None,
+                negations: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """image (B,1,D,H,W); views (B,V,1,d,h,w) or None; ``negations`` the (ids, mask) of each
+        sentence negated, (B,S,Ls) like the report (``data.augment.negated_sentences``) or None.
+        Returns every tensor the losses need."""
         img, _ = self.encode_image(image)
         per_sentence = self.tcfg.w_sentence > 0
         txt, tokens, tmask, *sent = self.encode_text(input_ids, attention_mask, sentences=per_sentence)
@@ -146,6 +149,8 @@ class T3D(nn.Module):
                "logit_scale": self.logit_scale.clamp(0, math.log(100.0)).exp()[0]}
         if per_sentence:
             out["sentences"], out["sentence_mask"] = sent
+            if negations is not None:
+                *_, out["negations"], out["negation_mask"] = self.encode_text(*negations, sentences=True)
         if views is not None and views.shape[1] > 0:
             b, v = views.shape[:2]
             vg, vr = self.encode_image(views.flatten(0, 1))
