@@ -66,9 +66,11 @@ class ModelConfig:
             raise ConfigError(f"model.image_norm=group needs model.image_widths divisible by 8, got {self.image_widths}")
         check_range("model.text_dropout", self.text_dropout, 0.0, 0.9)
         data = getattr(root, "data", None)
-        if data is not None:
-            self.input_range = [float(v) for v in data.hu_window]
-        lo, hi = self.input_range or (-1000.0, 1000.0)
+        if data is not None or self.input_range is None:
+            from data_service.config import DataConfig
+
+            self.input_range = [float(v) for v in (data or DataConfig()).hu_window]
+        lo, hi = self.input_range
         for w in self.input_windows:
             if len(w) != 2 or not lo <= float(w[0]) < float(w[1]) <= hi:
                 raise ConfigError(f"model.input_windows: {w!r} must be [low, high] HU with "

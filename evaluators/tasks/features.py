@@ -48,6 +48,13 @@ def _labels(s: dict[str, Any]) -> list[float]:
     return [lab[f] for f in FINDINGS] if lab else [np.nan] * len(FINDINGS)
 
 
+def _report_embeddings(model, tokenizer, cfg, texts: list[str], dev) -> torch.Tensor:
+    """Reports -> normalized embeddings (N,E), float32 on the CPU."""
+    enc = tokenize_reports(tokenizer, texts, cfg)
+    txt, _, _ = model.encode_text(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
+    return txt.float().cpu()
+
+
 @torch.no_grad()
 def embed_split(model, tokenizer, cfg, shards: str, split: str, batch: int = 8, memory: bool = False) -> dict[str, Any]:
     """One pass over ``split`` -> {img (N,E), txt (N,E) normalized embeddings on the CPU, labels (N,18)
@@ -60,9 +67,7 @@ def embed_split(model, tokenizer, cfg, shards: str, split: str, batch: int = 8, 
         imgs.append(model.project_image(pooled).float().cpu())
         if memory:
             mem.append(torch.cat([pooled[:, None], local], 1).float().cpu())
-        enc = tokenize_reports(tokenizer, [s["report"] for s in chunk], cfg)
-        txt, _, _ = model.encode_text(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
-        txts.append(txt.float().cpu())
+        txts.append(_report_embeddings(model, tokenizer, cfg, [s["report"] for s in chunk], dev))
         keys += [s["key"] for s in chunk]
         reports += [s["report"] for s in chunk]
         labels += [_labels(s) for s in chunk]
@@ -87,11 +92,7 @@ def embed_reports(model, tokenizer, cfg, shards: str, split: str, limit: int, ba
         if s["meta"].get("labels"):
             texts.append(s["report"])
             labels.append(_labels(s))
-    txts = []
-    for i in range(0, len(texts), batch):
-        enc = tokenize_reports(tokenizer, texts[i:i + batch], cfg)
-        txt, _, _ = model.encode_text(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
-        txts.append(txt.float().cpu())
+    txts = [_report_embeddings(model, tokenizer, cfg, texts[i:i + batch], dev) for i in range(0, len(texts), batch)]
     return {"txt": torch.cat(txts) if txts else torch.zeros(0, 1), "labels": np.array(labels, float).reshape(-1, len(FINDINGS))}
 
 

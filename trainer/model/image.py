@@ -62,7 +62,7 @@ class InputWindows(nn.Module):
 
     def __init__(self, windows, input_range):
         super().__init__()
-        lo, hi = input_range or (-1000.0, 1000.0)
+        lo, hi = input_range
         w = torch.tensor([[(a - lo) / (hi - lo), (b - lo) / (hi - lo)] for a, b in windows], dtype=torch.float32)
         self.register_buffer("bounds", w.reshape(-1, 2), persistent=False)
 
