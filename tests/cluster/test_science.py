@@ -2,7 +2,10 @@
 paired delta (a one-variant run used to end in an IndexError after training)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from cluster import science
 from common.labels import FINDINGS
@@ -31,3 +34,30 @@ def test_table_one_variant_and_both():
     assert summary["single"]["mean"]["tma"] > 0.9 > summary["single"]["mean"]["clip"]
     d, lo, hi = summary["single"]["per_label"]["Lung nodule"]["delta"]
     assert lo <= d <= hi and d > 0.2
+
+
+def test_text_mlm_stage_is_made_once_and_keyed_by_its_inputs(tmp_path, monkeypatch):
+    """The MLM stage is the real ``trainer.text_mlm`` command (tested in tests/trainer), made once
+    (a stand-in for a downloaded pretrained encoder, shared by every seed): the same inputs reuse
+    the folder, other steps make another, and a missing corpus stops with its path."""
+    calls = []
+
+    def fake_sh(cmd):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "text_mlm.json").write_text("{}")
+
+    monkeypatch.setattr(science, "sh", fake_sh)
+    (tmp_path / "c.txt").write_text("No effusion.\n")
+    corpus = [str(tmp_path / "c.txt")]
+    a = science.text_mlm(tmp_path / "shards", tmp_path / "runs", 50, corpus)
+    assert science.text_mlm(tmp_path / "shards", tmp_path / "runs", 50, corpus) == a and len(calls) == 1
+    b = science.text_mlm(tmp_path / "shards", tmp_path / "runs", 60, corpus)
+    assert b != a and b.parent == a.parent == tmp_path / "runs" and len(calls) == 2
+    cmd = calls[0]
+    assert cmd[1:3] == ["-m", "trainer.text_mlm"] and cmd[cmd.index("--steps") + 1] == "50"
+    assert cmd[cmd.index("--corpus") + 1] == str((tmp_path / "c.txt").resolve())
+    assert f"data.shards={tmp_path / 'shards'}" in cmd
+    with pytest.raises(SystemExit, match="missing.csv"):
+        science.text_mlm(tmp_path / "shards", tmp_path / "runs", 50, [str(tmp_path / "missing.csv")])
