@@ -59,23 +59,32 @@ def prepare_data(root: Path, n: int, data_seed: int) -> Path:
     return shards
 
 
-def text_mlm(shards: Path, out: Path, steps: int, corpora: list[str]) -> Path:
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def text_mlm(shards: Path, out: Path, steps: int, corpora: list[str], overrides: list[str]) -> Path:
     """The text tower's masked-language pretraining (``trainer.text_mlm``, seed 0) on the train
     reports of ``shards`` and ``corpora``: the stand-in for the paper's pretrained MedCPT, so it is
-    made once and shared by every seed and both variants. Its folder, ``{out}/text-mlm-{key}``, is
-    keyed by the phantom set, the corpora and the steps, so a changed setting never reuses a stale one."""
-    corpora = [str(Path(c).resolve()) for c in corpora]
-    for c in corpora:
-        if not Path(c).is_file():
+    made once and shared by every seed and both variants. ``overrides`` (the runs' ``--set``) reach
+    it too, so that e.g. ``model.text_unit`` or the text sizes agree with the runs. Its folder,
+    ``{out}/text-mlm-{key}``, is keyed by the phantom set, the preset's and the corpora's contents,
+    the overrides and the steps, so a changed input never reuses a stale tower."""
+    paths = [Path(c).resolve() for c in corpora]
+    for c in paths:
+        if not c.is_file():
             raise SystemExit(f"science: text corpus not found: {c} (give another with --text-corpus, or "
                              "--text-mlm-steps 0 to train the text tower from scratch)")
-    key = hashlib.sha256(json.dumps([str(shards), corpora, steps, MLM_VOCAB]).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps([str(shards), _sha(CONFIG), [(str(c), _sha(c)) for c in paths], overrides,
+                                     steps, MLM_VOCAB]).encode()).hexdigest()[:10]
     folder = out / f"text-mlm-{key}"
     if not (folder / "text_mlm.json").is_file():
         cmd = [sys.executable, "-m", "trainer.text_mlm", "--config", str(CONFIG), "--set", f"data.shards={shards}",
                "--out", str(folder), "--steps", str(steps), "--seed", "0", "--vocab-size", str(MLM_VOCAB)]
-        for c in corpora:
-            cmd += ["--corpus", c]
+        for o in overrides:
+            cmd += ["--set", o]
+        for c in paths:
+            cmd += ["--corpus", str(c)]
         sh(cmd)
     return folder
 
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="pretrain the text tower with trainer.text_mlm for this many steps first (0: from scratch)")
     p.add_argument("--text-corpus", action="append", default=None, metavar="FILE",
                    help=f"report corpus (.csv/.txt) for the text tower's MLM, besides the train reports "
-                        f"(repeatable; default {TEXT_CORPUS.relative_to(REPO.parent)}, real CT-RATE reports)")
+                        f"(repeatable; default {os.path.relpath(TEXT_CORPUS, REPO)}, real CT-RATE reports)")
     p.add_argument("--only", choices=["clip", "tma", "none"], default=None,
                    help="train one variant, or none (scores whichever has a checkpoint)")
     a = p.parse_args(argv)
@@ -207,10 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     out = (REPO / a.out).resolve()
     shards = prepare_data((REPO / a.data / f"phantom-d{a.data_seed}-n{a.n}").resolve(), a.n, a.data_seed)
     t_data = time.time() - t0
-    overrides = list(a.overrides)
-    if a.text_mlm_steps > 0:
+    overrides, tower = list(a.overrides), None
+    if any(o.split("=", 1)[0].strip() == "model.text_encoder" for o in overrides):
+        print("science: model.text_encoder is set by --set: no text MLM stage", flush=True)
+    elif a.text_mlm_steps > 0:
         corpora = [str(TEXT_CORPUS)] if a.text_corpus is None else a.text_corpus
-        overrides.append(f"model.text_encoder={text_mlm(shards, out, a.text_mlm_steps, corpora)}")
+        tower = text_mlm(shards, out, a.text_mlm_steps, corpora, list(a.overrides))
+        overrides.append(f"model.text_encoder={tower}")
     t_text = time.time() - t0 - t_data
     runs = {}
     for v in ("clip", "tma"):
@@ -224,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     report = {"seed": a.seed, "data_seed": a.data_seed, "n": a.n, "overrides": overrides,
               "seconds": {"data": round(t_data), "text_mlm": round(t_text), "train_both": round(t_train), "total": round(time.time() - t0)},
+              "text_mlm": None if tower is None else {"folder": str(tower),
+                                                      **json.loads((tower / "text_mlm.json").read_text())},
               "summary": summary, "metrics": {v: r["metrics"] for v, r in res.items()},
               "metrics_ensemble": {v: r["metrics_ensemble"] for v, r in res.items()},
               "checkpoints": {v: r["checkpoint"] for v, r in res.items()}}

@@ -65,9 +65,13 @@ def examples(docs: list[str], unit: str) -> tuple[list[str], int]:
     return out, rejected
 
 
-def train_mlm(texts: list[str], cfg, out: Path, steps: int, batch: int, lr: float, seed: int,
+def train_mlm(docs: list[str], cfg, out: Path, steps: int, batch: int, lr: float, seed: int,
               vocab_size: int, max_tokens: int, holdout: float = 0.05, log_every: int = 250) -> dict:
-    """Build the tokenizer on ``texts``, train a BERT MLM, save both to ``out``; -> stats."""
+    """Hold out ``holdout`` of the documents (whole reports, so no report is on both sides), build
+    the tokenizer on the rest, train a BERT MLM on their examples (``model.text_unit``), save the
+    encoder and the tokenizer to ``out``; -> stats (the held-out masked-token accuracy before and
+    after, on the same masks, and how many held-out examples also occur verbatim in training:
+    template corpora repeat sentences)."""
     import torch
     from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
 
@@ -75,12 +79,16 @@ def train_mlm(texts: list[str], cfg, out: Path, steps: int, batch: int, lr: floa
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    tok = build_tokenizer(texts, vocab_size)
-    perm = torch.randperm(len(texts), generator=g).tolist()
-    n_val = max(1, int(len(texts) * holdout))
-    val, tr = [texts[i] for i in perm[:n_val]], [texts[i] for i in perm[n_val:]]
-    if not tr:
-        raise ValueError(f"corpus too small: {len(texts)} examples leave none to train on after the hold-out")
+    perm = torch.randperm(len(docs), generator=g).tolist()
+    n_val = max(1, int(len(docs) * holdout))
+    unit = cfg.model.text_unit
+    val, _ = examples([docs[i] for i in perm[:n_val]], unit)
+    tr, _ = examples([docs[i] for i in perm[n_val:]], unit)
+    if not tr or not val:
+        raise ValueError(f"corpus too small: {len(docs)} documents give {len(tr)} training and {len(val)} "
+                         "held-out examples; both must be > 0")
+    seen = set(tr)
+    tok = build_tokenizer(tr, vocab_size)
     m = cfg.model
     bert = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=m.text_hidden, num_hidden_layers=m.text_layers,
                                       num_attention_heads=m.text_heads, intermediate_size=m.text_intermediate,
@@ -89,39 +97,42 @@ def train_mlm(texts: list[str], cfg, out: Path, steps: int, batch: int, lr: floa
     collate = DataCollatorForLanguageModeling(tok, mlm_probability=0.15, return_tensors="pt")
     opt = torch.optim.AdamW(bert.parameters(), lr=lr, weight_decay=0.01)
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, steps - warm))))))
+    sched = torch.optim.lr_scheduler.LambdaLR(      # linear warmup, then cosine to 0
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
 
     def batch_of(items):
         enc = tok(items, truncation=True, max_length=max_tokens)
-        return collate([{"input_ids": ids} for ids in enc["input_ids"]])
+        return collate([{"input_ids": i, "attention_mask": a} for i, a in zip(enc["input_ids"], enc["attention_mask"])])
 
-    def masked_accuracy() -> tuple[float, float]:
-        torch.manual_seed(seed + 1)              # the same masks every time it is measured
-        bert.eval()
-        hit = n = 0
-        loss = 0.0
-        with torch.no_grad():
-            for i in range(0, len(val), 256):
-                b = batch_of(val[i:i + 256])
-                o = bert(input_ids=b["input_ids"], attention_mask=(b["input_ids"] != tok.pad_token_id).long(),
-                         labels=b["labels"])
-                sel = b["labels"] != -100
-                hit += int((o.logits.argmax(-1)[sel] == b["labels"][sel]).sum())
-                n += int(sel.sum())
-                loss += float(o.loss) * int(sel.sum())
-        bert.train()
-        return hit / max(1, n), loss / max(1, n)
+    def step_loss(b):
+        return bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
 
-    acc0, _ = masked_accuracy()
+    def masked_accuracy() -> tuple[float, float, int]:
+        with torch.random.fork_rng():            # the same masks each time, training's RNG untouched
+            torch.manual_seed(seed + 1)
+            bert.eval()
+            hit = n = 0
+            loss = 0.0
+            with torch.no_grad():
+                for i in range(0, len(val), 256):
+                    b = batch_of(val[i:i + 256])
+                    o = step_loss(b)
+                    sel = b["labels"] != -100
+                    hit += int((o.logits.argmax(-1)[sel] == b["labels"][sel]).sum())
+                    n += int(sel.sum())
+                    loss += float(o.loss) * int(sel.sum())
+            bert.train()
+        if n == 0:
+            raise ValueError(f"no token of the {len(val)} held-out examples was masked: the corpus is too small")
+        return hit / n, loss / n, n
+
+    acc0, _, _ = masked_accuracy()
     t0, order, pos = time.time(), torch.randperm(len(tr), generator=g).tolist(), 0
     for step in range(steps):
         if pos + batch > len(order):
             order, pos = torch.randperm(len(tr), generator=g).tolist(), 0
-        b = batch_of([tr[i] for i in order[pos:pos + batch]])
+        loss = step_loss(batch_of([tr[i] for i in order[pos:pos + batch]])).loss
         pos += batch
-        loss = bert(input_ids=b["input_ids"], attention_mask=(b["input_ids"] != tok.pad_token_id).long(),
-                    labels=b["labels"]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(bert.parameters(), 1.0)
@@ -129,13 +140,15 @@ def train_mlm(texts: list[str], cfg, out: Path, steps: int, batch: int, lr: floa
         sched.step()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             print(f"[text_mlm] step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
-    acc, val_loss = masked_accuracy()
+    acc, val_loss, n_masked = masked_accuracy()
     out.mkdir(parents=True, exist_ok=True)
     bert.bert.save_pretrained(str(out))          # the encoder only, as a BertModel folder (like MedCPT's)
     tok.save_pretrained(str(out))
-    return {"examples_train": len(tr), "examples_heldout": len(val), "vocab": len(tok), "steps": steps,
-            "seconds": round(time.time() - t0, 1), "heldout_masked_accuracy_init": round(acc0, 4),
-            "heldout_masked_accuracy": round(acc, 4), "heldout_mlm_loss": round(val_loss, 4)}
+    return {"documents_train": len(docs) - n_val, "documents_heldout": n_val, "examples_train": len(tr),
+            "examples_heldout": len(val), "heldout_examples_seen_in_train": sum(v in seen for v in val),
+            "heldout_masked_tokens": n_masked, "vocab": len(tok), "steps": steps, "seconds": round(time.time() - t0, 1),
+            "heldout_masked_accuracy_init": round(acc0, 4), "heldout_masked_accuracy": round(acc, 4),
+            "heldout_mlm_loss": round(val_loss, 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,19 +175,21 @@ def main(argv: list[str] | None = None) -> int:
         sources[f"{cfg.data.shards} (train)"] = [s["report"] for s in iter_split(cfg.data.shards, "train",
                                                                                  decode_ct=False)]
     for c in a.corpus:
+        if c in sources:
+            raise SystemExit(f"--corpus {c} is given twice")
         sources[c] = read_corpus(c, a.column)
     if not sources:
         raise SystemExit("no corpus: give --corpus, or drop --no-train-reports")
-    texts, counts = [], {}
-    for name, docs in sources.items():
-        ex, rejected = examples(docs, cfg.model.text_unit)
-        counts[name] = {"documents": len(docs), "rejected_empty": rejected, "examples": len(ex)}
-        print(f"[text_mlm] {name}: {len(docs)} documents -> {len(ex)} examples ({rejected} empty, rejected)")
-        texts += ex
+    docs, counts = [], {}
+    for name, got in sources.items():
+        ex, rejected = examples(got, cfg.model.text_unit)
+        counts[name] = {"documents": len(got), "rejected_empty": rejected, "examples": len(ex)}
+        print(f"[text_mlm] {name}: {len(got)} documents -> {len(ex)} examples ({rejected} empty, rejected)")
+        docs += [d for d in got if (d or "").strip()]
     d = cfg.data
     max_tokens = d.max_sentence_tokens if cfg.model.text_unit == "sentence" else d.max_text_tokens
     out = Path(a.out)
-    stats = train_mlm(texts, cfg, out, a.steps, a.batch_size, a.lr, a.seed, a.vocab_size or cfg.model.vocab_size,
+    stats = train_mlm(docs, cfg, out, a.steps, a.batch_size, a.lr, a.seed, a.vocab_size or cfg.model.vocab_size,
                       max_tokens)
     stats["corpus"] = counts
     (out / "text_mlm.json").write_text(json.dumps(stats, indent=1))

@@ -33,7 +33,8 @@ def test_empty_documents_are_counted_not_dropped():
 
 def test_mlm_learns_and_model_text_encoder_loads_it(tmp_path):
     """A corpus whose masked words are predictable from context: held-out masked-token accuracy
-    must rise well above its initial value, and the T3D text tower built with
+    must rise well above its initial value (the sentence unit, as the phantom preset), and the T3D
+    text tower built with
     model.text_encoder=<out> must hold exactly the trained encoder weights and its tokenizer."""
     from transformers import BertModel
 
@@ -52,9 +53,12 @@ def test_mlm_learns_and_model_text_encoder_loads_it(tmp_path):
     assert text_mlm.main(["--config", str(REPO / "configs" / "debug.yaml"), "--no-train-reports",
                           "--corpus", str(tmp_path / "c.txt"), "--out", str(out), "--steps", "400",
                           "--batch-size", "32", "--lr", "2e-3", "--vocab-size", "200",
-                          "--set", "model.text_unit=report"]) == 0
+                          "--set", "model.text_unit=sentence"]) == 0
     stats = json.loads((out / "text_mlm.json").read_text())
-    assert stats["corpus"][str(tmp_path / "c.txt")] == {"documents": 1501, "rejected_empty": 1, "examples": 1500}
+    assert stats["corpus"][str(tmp_path / "c.txt")] == {"documents": 1501, "rejected_empty": 1, "examples": 3000}
+    # whole documents are held out (75 = 5 % of the 1500 kept), each gives its two sentences
+    assert (stats["documents_heldout"], stats["documents_train"]) == (75, 1425)
+    assert (stats["examples_heldout"], stats["examples_train"]) == (150, 2850) and stats["heldout_masked_tokens"] > 0
     assert stats["heldout_masked_accuracy"] > stats["heldout_masked_accuracy_init"] + 0.3, stats
 
     from common.config import load_config
