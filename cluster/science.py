@@ -38,6 +38,7 @@ SMALL = ("Lung nodule", "Arterial wall calcification")
 # The text tower's MLM corpus besides the train reports: 800 real chest-CT reports (CT-CLIP, CC BY-NC-SA
 # 4.0), beside the repo. Measured: with it zero-shot 0.729 -> 0.793; the train reports alone 0.731.
 TEXT_CORPUS = REPO.parent / "shared" / "realdata" / "ctclip_reports" / "train.csv"
+TEXT_KEYS = ("model.flavour", "model.text_", "model.vocab_size", "data.max_")  # overrides that shape the tower
 MLM_VOCAB = 3000   # WordPiece words for the MLM tower: the real-report corpus has more words than the flavour's 1000
 
 
@@ -69,13 +70,15 @@ def text_mlm(shards: Path, out: Path, steps: int, corpora: list[str], overrides:
     made once and shared by every seed and both variants. ``overrides`` (the runs' ``--set``) reach
     it too, so that e.g. ``model.text_unit`` or the text sizes agree with the runs. Its folder,
     ``{out}/text-mlm-{key}``, is keyed by the phantom set, the preset's and the corpora's contents,
-    the overrides and the steps, so a changed input never reuses a stale tower."""
+    the overrides that shape the text tower (``TEXT_KEYS``) and the steps, so a changed input never
+    reuses a stale tower and an image-side override does not make another."""
     paths = [Path(c).resolve() for c in corpora]
     for c in paths:
         if not c.is_file():
             raise SystemExit(f"science: text corpus not found: {c} (give another with --text-corpus, or "
                              "--text-mlm-steps 0 to train the text tower from scratch)")
-    key = hashlib.sha256(json.dumps([str(shards), _sha(CONFIG), [(str(c), _sha(c)) for c in paths], overrides,
+    shaping = [o for o in overrides if o.split("=", 1)[0].strip().startswith(TEXT_KEYS)]
+    key = hashlib.sha256(json.dumps([str(shards), _sha(CONFIG), [(str(c), _sha(c)) for c in paths], shaping,
                                      steps, MLM_VOCAB]).encode()).hexdigest()[:10]
     folder = out / f"text-mlm-{key}"
     if not (folder / "text_mlm.json").is_file():

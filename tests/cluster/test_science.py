@@ -59,6 +59,9 @@ def test_text_mlm_stage_is_made_once_and_keyed_by_its_inputs(tmp_path, monkeypat
     assert science.text_mlm(sh_, runs, 50, [str(c)], ["model.text_unit=sentence"]) == a and len(calls) == 1
     others = {science.text_mlm(sh_, runs, 60, [str(c)], ["model.text_unit=sentence"]),
               science.text_mlm(sh_, runs, 50, [str(c)], [])}
+    # an override that does not shape the text tower (passed on when the tower is made) reuses it
+    assert science.text_mlm(sh_, runs, 50, [str(c)], ["model.text_unit=sentence", "model.image_pool=gem"]) == a
+    assert len(calls) == 3
     c.write_text("No effusion. Heart is normal.\n")
     others.add(science.text_mlm(sh_, runs, 50, [str(c)], ["model.text_unit=sentence"]))
     assert len(others | {a}) == 4 and all(f.parent == runs for f in others) and len(calls) == 4
