@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.config import parse_override
 from data_service.synth import PLANTED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def text_mlm(shards: Path, out: Path, steps: int, corpora: list[str], overrides:
         if not c.is_file():
             raise SystemExit(f"science: text corpus not found: {c} (give another with --text-corpus, or "
                              "--text-mlm-steps 0 to train the text tower from scratch)")
-    shaping = [o for o in overrides if o.split("=", 1)[0].strip().startswith(TEXT_KEYS)]
+    shaping = [o for o in overrides if parse_override(o)[0].startswith(TEXT_KEYS)]
     key = hashlib.sha256(json.dumps([str(shards), _sha(CONFIG), [(str(c), _sha(c)) for c in paths], shaping,
                                      steps, MLM_VOCAB]).encode()).hexdigest()[:10]
     folder = out / f"text-mlm-{key}"
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     shards = prepare_data((REPO / a.data / f"phantom-d{a.data_seed}-n{a.n}").resolve(), a.n, a.data_seed)
     t_data = time.time() - t0
     overrides, tower = list(a.overrides), None
-    if any(o.split("=", 1)[0].strip() == "model.text_encoder" for o in overrides):
+    if any(parse_override(o)[0] == "model.text_encoder" for o in overrides):
         print("science: model.text_encoder is set by --set: no text MLM stage", flush=True)
     elif a.text_mlm_steps > 0:
         corpora = [str(TEXT_CORPUS)] if a.text_corpus is None else a.text_corpus

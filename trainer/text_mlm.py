@@ -73,9 +73,10 @@ def train_mlm(docs: list[str], cfg, out: Path, steps: int, batch: int, lr: float
     after, on the same masks, and how many held-out examples also occur verbatim in training:
     template corpora repeat sentences)."""
     import torch
-    from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
+    from transformers import BertForMaskedLM, DataCollatorForLanguageModeling
 
     from common.text import build_tokenizer
+    from trainer.model.text import bert_config
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -89,11 +90,7 @@ def train_mlm(docs: list[str], cfg, out: Path, steps: int, batch: int, lr: float
                          "held-out examples; both must be > 0")
     seen = set(tr)
     tok = build_tokenizer(tr, vocab_size)
-    m = cfg.model
-    bert = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=m.text_hidden, num_hidden_layers=m.text_layers,
-                                      num_attention_heads=m.text_heads, intermediate_size=m.text_intermediate,
-                                      max_position_embeddings=512, hidden_dropout_prob=m.text_dropout,
-                                      attention_probs_dropout_prob=m.text_dropout))
+    bert = BertForMaskedLM(bert_config(cfg.model, len(tok)))
     collate = DataCollatorForLanguageModeling(tok, mlm_probability=0.15, return_tensors="pt")
     opt = torch.optim.AdamW(bert.parameters(), lr=lr, weight_decay=0.01)
     warm = max(1, steps // 20)

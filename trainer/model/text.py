@@ -18,6 +18,17 @@ def tokenize_reports(tokenizer, texts: list[str], cfg) -> dict[str, torch.Tensor
                           d.max_sentence_tokens)
 
 
+def bert_config(cfg: ModelConfig, vocab_size: int):
+    """The HF ``BertConfig`` of a from-scratch text tower of the flavour's text size (used by the
+    model and by ``trainer.text_mlm``, so a pretrained stand-in has exactly the tower's shape)."""
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers,
+                      num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
+                      max_position_embeddings=512, hidden_dropout_prob=cfg.text_dropout,
+                      attention_probs_dropout_prob=cfg.text_dropout)
+
+
 class TextEncoder(nn.Module):
     """Returns (report embedding (B, H), token embeddings (B, L, H)). The report embedding is the
     [CLS] state (``model.text_pool=cls``, what a pretrained BERT such as MedCPT was trained for) or
@@ -26,7 +37,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int | None = None):
         super().__init__()
-        from transformers import BertConfig, BertModel
+        from transformers import BertModel
 
         if cfg.text_encoder:
             p = Path(cfg.text_encoder)
@@ -37,11 +48,7 @@ class TextEncoder(nn.Module):
                                                   hidden_dropout_prob=cfg.text_dropout,
                                                   attention_probs_dropout_prob=cfg.text_dropout)
         else:
-            bc = BertConfig(vocab_size=vocab_size or cfg.vocab_size, hidden_size=cfg.text_hidden,
-                            num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                            intermediate_size=cfg.text_intermediate, max_position_embeddings=512,
-                            hidden_dropout_prob=cfg.text_dropout, attention_probs_dropout_prob=cfg.text_dropout)
-            self.bert = BertModel(bc, add_pooling_layer=False)
+            self.bert = BertModel(bert_config(cfg, vocab_size or cfg.vocab_size), add_pooling_layer=False)
         self.out_dim = self.bert.config.hidden_size
         if cfg.text_pool not in ("cls", "mean"):
             raise ValueError(f"model.text_pool: {cfg.text_pool!r} is not one of ['cls', 'mean']")
