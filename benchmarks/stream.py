@@ -11,7 +11,8 @@ views, on one core each (one process, torch and blosc2 on one thread):
   ``ScaleIntensityRanged`` -> ``ResizeWithPadOrCropd`` -> ``RandSpatialCropSamplesd`` (the views,
   at the config's crop scale) -> ``Resized``.
 Printed: volumes/s per core for each, the ratio (``ratio xN.NN``) and each side's peak RSS. With
-``--ray``, the same shards through the Ray Data actor pool (``data.loader_actors`` actors), and with
+``--ray``, the same shards through the Ray Data task pool (``data.loader_actors`` tasks in flight); with
+``--spin``, the loader CPU a backpressured training worker pays, chunked vs one execution; with
 ``--zero`` trainer samples/s at ZeRO 0/1/2/3 (debug flavour, 2 CPU workers).
 """
 from __future__ import annotations
@@ -134,8 +135,10 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=12)
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--reps", type=int, default=6)
-    p.add_argument("--ray", action="store_true", help="also the Ray Data actor pool path")
+    p.add_argument("--ray", action="store_true", help="also the Ray Data task pool path")
     p.add_argument("--zero", action="store_true", help="also trainer samples/s per ZeRO stage (debug)")
+    p.add_argument("--spin", action="store_true", help="also the loader's CPU in a backpressured worker, "
+                   "chunked vs one Ray Data execution")
     p.add_argument("--one", choices=["ours", "monai"], help=argparse.SUPPRESS)
     p.add_argument("--data", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -156,7 +159,9 @@ def main(argv=None) -> int:
         print(f"stream, {a.views} views, {Path(a.config).name}: ours {res['ours']['vol_per_s']:.2f} vs MONAI "
               f"{res['monai']['vol_per_s']:.2f} volumes/s per core, ratio x{res['ours']['vol_per_s'] / res['monai']['vol_per_s']:.2f}")
         if a.ray:
-            print(f"Ray Data actor pool: {ray_pool(a.config, shards, tok, a.views):.2f} volumes/s")
+            print(f"Ray Data task pool: {ray_pool(a.config, shards, tok, a.views):.2f} volumes/s")
+        if a.spin:
+            loader_spin(a.config, shards, tok, a.views)
         if a.zero:
             zero_stages(a.config, shards, Path(d))
     return 0
@@ -181,6 +186,38 @@ def ray_pool(cfg_path: str, shards: str, tok: str, views: int, batches: int = 12
         return n / (time.perf_counter() - t)
     finally:
         ray.shutdown()
+
+
+def loader_spin(cfg_path: str, shards: str, tok: str, views: int, batches: int = 100, pause: float = 0.25) -> None:
+    """CPU the loader costs a training worker: this process pulls a batch every ``pause`` s (a
+    trainer that is slower than its loader, so the stream is backpressured) through
+    ``rank_stream``, once as one Ray Data execution for the whole run (the baseline: before
+    ``data.loader_chunk``) and once chunked as the config says; printed: this process's CPU
+    seconds per batch beyond its own sleeping, and the ratio."""
+    import ray
+
+    from common.config import load_config
+    from data_service.stream import Plan, build_index, rank_stream
+
+    cpu = {}
+    for name, chunk in (("one execution", batches), ("chunked", None)):
+        sets = [f"data.views.n={views}"] + ([f"data.loader_chunk={chunk}"] if chunk else [])
+        cfg = load_config(cfg_path, sets)
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+        try:
+            index = build_index(shards, "train")
+            it = rank_stream(index, Plan(sorted(index), 4, 0), 0, 1, 0, 0, batches, cfg.data, tok, cfg.model.text_unit)
+            next(it)
+            c = time.process_time()
+            for _ in it:
+                time.sleep(pause)
+            cpu[name] = (time.process_time() - c) / (batches - 1)
+        finally:
+            ray.shutdown()
+        print(f"loader CPU in the consumer, {name} (data.loader_chunk={cfg.data.loader_chunk}): "
+              f"{cpu[name] * 1000:.1f} ms per batch")
+    print(f"loader spin: chunked {cpu['chunked'] * 1000:.1f} vs one execution {cpu['one execution'] * 1000:.1f} ms "
+          f"CPU per batch, ratio x{cpu['one execution'] / max(cpu['chunked'], 1e-9):.2f} less")
 
 
 def zero_stages(cfg_path: str, shards: str, d: Path) -> None:

@@ -36,7 +36,10 @@ def synthetic_batch(cfg, batch: int, vocab: int, device, seed: int = 0):
     params[..., :3] = torch.randint(0, 2, (batch, 1 + v, 3), generator=g).double()
     params[..., 3], params[..., 5] = 1.0, d.views.noise_std
     params[..., 6] = torch.arange(batch * (1 + v), dtype=torch.float64).view(batch, 1 + v)
-    ids = torch.randint(5, vocab, (batch, d.max_text_tokens), generator=g)
+    if cfg.model.text_unit == "sentence":      # (B, S, Ls): every sentence slot full, the worst case
+        ids = torch.randint(5, vocab, (batch, d.max_sentences, d.max_sentence_tokens), generator=g)
+    else:
+        ids = torch.randint(5, vocab, (batch, d.max_text_tokens), generator=g)
     return Batch(image.to(device), views.to(device) if v else None, params.to(device), ids.to(device),
                  torch.ones_like(ids).to(device))
 

@@ -52,8 +52,9 @@ class DataConfig:
     max_text_tokens: int = 256                  # per report (model.text_unit=report)
     max_sentences: int = 32                     # per report (model.text_unit=sentence); the rest is cut
     max_sentence_tokens: int = 48               # per sentence
-    loader_actors: int = 1                      # Ray Data actor pool size for decode/crop
-    loader_cpus_per_actor: float = 0.5
+    loader_actors: int = 1                      # decode/crop tasks in flight per training worker (Ray Data task pool)
+    loader_cpus_per_actor: float = 0.5          # CPUs per decode/crop task
+    loader_chunk: int = 32                      # micro-steps per Ray Data execution (data_service/stream.py: why)
     object_store_mb: int = 1024                 # cap for the local Ray object store
 
     def validate(self, root=None) -> "DataConfig":
@@ -73,6 +74,8 @@ class DataConfig:
         check_range("data.augment.sentence_keep", self.augment.sentence_keep, 0.0, 1.0)
         check_range("data.min_slices", self.min_slices, 1)
         check_range("data.shard_size", self.shard_size, 1)
+        check_range("data.loader_chunk", self.loader_chunk, 1)
+        check_range("data.loader_actors", self.loader_actors, 1)
         check_range("data.max_voxels", self.max_voxels, 1)
         check_choice("data.codec", self.codec, ("npz", "zstd", "zstd-shuffle", "blosc2-lz4", "blosc2-zstd"))
         check_range("data.worker_memory_mb", self.worker_memory_mb, 0)

@@ -8,10 +8,18 @@ sample and neither repeats nor skips one, and every rank gets the same number of
 collective hangs).
 
 Execution (Ray Data, per worker): the rank's ordered rows ``(key, shard, offsets)`` go through
-``map_batches`` on an actor pool (``data.loader_actors`` actors x ``data.loader_cpus_per_actor``
-CPUs) that reads each sample by byte offset, decodes it, makes the TMA views and tokenizes the
-report; ``preserve_order`` keeps the plan's order. Corrupt samples come back flagged, are
-counted and skipped by the loop.
+``map_batches`` on a task pool (at most ``data.loader_actors`` tasks in flight x
+``data.loader_cpus_per_actor`` CPUs) that reads each sample by byte offset, decodes it, makes the
+TMA views and tokenizes the report; ``preserve_order`` keeps the plan's order. Corrupt samples
+come back flagged, are counted and skipped by the loop.
+Why chunks of ``data.loader_chunk`` micro-steps, one Ray Data execution each: Ray Data 2.60's
+streaming executor loops without sleeping while it is backpressured with no task in flight (its
+``ray.wait`` only runs when tasks are active). A loader faster than the trainer is backpressured
+most of the time, so one execution for the whole run spins a core inside every training worker
+and takes the GIL from its loop: on the 2-core machine, trainer throughput halved
+(benchmarks/RESULTS.md, "Loader spin"). A chunk's execution fits in the object store budget, runs
+to its end and stops; tasks (not actors) because a task pool reuses warm worker processes, while
+an actor pool would start new actors for every chunk.
 Why not ``streaming_split``: it hands blocks to whichever consumer asks first, so which rank
 trains on which sample is not reproducible and an exact resume cannot be proven (docs/design.md).
 """
@@ -103,7 +111,7 @@ class Plan:
 
 
 class DecodeCrop:
-    """Ray Data actor: rows of (micro, key, shard, members) -> int16 image and views, their float
+    """Decode and crop: rows of (micro, key, shard, members) -> int16 image and views, their float
     augmentation parameters, and the tokenized (sampled) report (data_service.views)."""
 
     def __init__(self, data: DataConfig, tokenizer_dir: str, seed: int, text_unit: str = "report"):
@@ -168,10 +176,26 @@ def rank_stream(index: dict[str, dict[str, Any]], plan: Plan, rank: int, world: 
             for m, k, pos in plan.rank_keys(rank, world, position, first_micro, n_micro)]
     if not rows:
         return
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // plan.batch))
-    ds = ds.map_batches(DecodeCrop, batch_size=plan.batch, num_cpus=data.loader_cpus_per_actor,
-                        compute=ray.data.ActorPoolStrategy(size=max(1, data.loader_actors)),
-                        fn_constructor_kwargs={"data": data, "tokenizer_dir": tokenizer_dir, "seed": plan.seed,
-                                               "text_unit": text_unit})
-    for b in ds.iter_batches(batch_size=plan.batch, batch_format="numpy", prefetch_batches=2):
-        yield b
+    per = plan.batch * data.loader_chunk
+    for start in range(0, len(rows), per):               # one short execution per chunk (module doc)
+        part = rows[start:start + per]
+        ds = ray.data.from_items(part, override_num_blocks=max(1, len(part) // plan.batch))
+        ds = ds.map_batches(decode_crop, batch_size=plan.batch, num_cpus=data.loader_cpus_per_actor,
+                            compute=ray.data.TaskPoolStrategy(size=data.loader_actors),
+                            fn_kwargs={"data": data, "tokenizer_dir": tokenizer_dir, "seed": plan.seed,
+                                       "text_unit": text_unit})
+        yield from ds.iter_batches(batch_size=plan.batch, batch_format="numpy", prefetch_batches=2)
+
+
+_DECODERS: dict[tuple, DecodeCrop] = {}
+
+
+def decode_crop(batch: dict[str, np.ndarray], data: DataConfig, tokenizer_dir: str, seed: int,
+                text_unit: str = "report") -> dict[str, Any]:
+    """Ray Data task: ``DecodeCrop`` on one batch, built once per worker process (the task pool
+    reuses processes across chunks, so the tokenizer is loaded once per process, not per batch)."""
+    key = (repr(data), tokenizer_dir, seed, text_unit)
+    if key not in _DECODERS:
+        _DECODERS.clear()                                 # one configuration per process at a time
+        _DECODERS[key] = DecodeCrop(data, tokenizer_dir, seed, text_unit)
+    return _DECODERS[key](batch)

@@ -124,3 +124,37 @@ def test_decode_actor_ships_negated_sentences(phantom, debug_cfg, tmp_path):
     assert tok.decode(out["input_ids"][0, 0], skip_special_tokens=True) == first.lower()
     assert tok.decode(out["neg_input_ids"][0, 0], skip_special_tokens=True) == negate_sentence(first).lower()
     assert "neg_input_ids" not in DecodeCrop(debug_cfg.data, str(tok_dir), seed=0, text_unit="sentence")(batch)
+
+
+def test_rank_stream_chunks_keep_the_plan(phantom, debug_cfg, tmp_path):
+    """The stream runs one Ray Data execution per ``data.loader_chunk`` micro-steps (module doc:
+    Ray Data's executor spins while backpressured): chunking changes nothing in what a rank gets,
+    batch by batch, from a resumed position, including a last chunk shorter than the rest."""
+    import dataclasses
+
+    import ray
+
+    from common.text import build_tokenizer
+    from data_service.stream import rank_stream
+
+    index = build_index(phantom / "shards", "train")
+    tok_dir = tmp_path / "tok"
+    build_tokenizer(["no pleural effusion", "cardiomegaly is present"], 200, tok_dir)
+    plan = Plan(sorted(index), batch=2, seed=3)
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+    try:
+        runs = {}
+        for chunk in (2, 100):
+            data = dataclasses.replace(debug_cfg.data, loader_chunk=chunk)
+            runs[chunk] = list(rank_stream(index, plan, 1, 2, 4, 1, 5, data, str(tok_dir)))
+    finally:
+        ray.shutdown()
+    want = plan.rank_keys(1, 2, 4, 1, 5)
+    for got in runs.values():
+        assert [int(b["micro"][0]) for b in got] == [1, 2, 3, 4, 5]
+        assert [k for b in got for k in b["key"]] == [k for _, k, _ in want]
+        assert [int(p) for b in got for p in b["position"]] == [p for _, _, p in want]
+        assert all(b["ok"].all() for b in got)
+    for a, b in zip(*runs.values()):
+        for name in ("image", "views", "params", "input_ids"):
+            assert np.array_equal(a[name], b[name]), name
