@@ -176,15 +176,19 @@ def rank_stream(index: dict[str, dict[str, Any]], plan: Plan, rank: int, world: 
             for m, k, pos in plan.rank_keys(rank, world, position, first_micro, n_micro)]
     if not rows:
         return
-    per = plan.batch * data.loader_chunk
-    for start in range(0, len(rows), per):               # one short execution per chunk (module doc)
-        part = rows[start:start + per]
-        ds = ray.data.from_items(part, override_num_blocks=max(1, len(part) // plan.batch))
-        ds = ds.map_batches(decode_crop, batch_size=plan.batch, num_cpus=data.loader_cpus_per_actor,
-                            compute=ray.data.TaskPoolStrategy(size=data.loader_actors),
-                            fn_kwargs={"data": data, "tokenizer_dir": tokenizer_dir, "seed": plan.seed,
-                                       "text_unit": text_unit})
-        yield from ds.iter_batches(batch_size=plan.batch, batch_format="numpy", prefetch_batches=2)
+    per, announce = plan.batch * data.loader_chunk, ctx.print_on_execution_start
+    try:
+        for start in range(0, len(rows), per):           # one short execution per chunk (module doc)
+            part = rows[start:start + per]
+            ds = ray.data.from_items(part, override_num_blocks=max(1, len(part) // plan.batch))
+            ds = ds.map_batches(decode_crop, batch_size=plan.batch, num_cpus=data.loader_cpus_per_actor,
+                                compute=ray.data.TaskPoolStrategy(size=data.loader_actors),
+                                fn_kwargs={"data": data, "tokenizer_dir": tokenizer_dir, "seed": plan.seed,
+                                           "text_unit": text_unit})
+            yield from ds.iter_batches(batch_size=plan.batch, batch_format="numpy", prefetch_batches=2)
+            ctx.print_on_execution_start = False          # the plan is printed once, not per chunk
+    finally:
+        ctx.print_on_execution_start = announce
 
 
 _DECODERS: dict[tuple, DecodeCrop] = {}
