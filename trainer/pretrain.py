@@ -118,8 +118,11 @@ def init_ray(cfg: Config) -> None:
         return
     # Ray Data only budgets CPUs Train did not reserve: start with more logical CPUs than cores
     # so that workers and the decode actors both get scheduled (docs/design.md).
+    # The dashboard (loopback only) serves the State API that Ray Train's placement-group cleaner
+    # polls every second: without it, the cleaner cannot work and logs a warning per poll.
     n = cfg.ray.num_cpus or max(8, 4 * (os.cpu_count() or 2))
-    ray.init(num_cpus=n, include_dashboard=False, object_store_memory=cfg.data.object_store_mb * 2**20)
+    ray.init(num_cpus=n, include_dashboard=True, dashboard_host="127.0.0.1",
+             object_store_memory=cfg.data.object_store_mb * 2**20)
 
 
 def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, run_callbacks: list | None = None,
