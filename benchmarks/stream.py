@@ -6,7 +6,7 @@ Both sides make what a training step needs from one study: the whole volume and 
 views, on one core each (one process, torch and blosc2 on one thread):
 - ours: a shard sample read by byte offset -> decoded (``data.codec``) -> int16 volume, int16 views
   (random crop + MONAI ``Resize``), augmentation parameters, tokenized report (``DecodeCrop``, the
-  Ray Data actor's function); the float work runs later on the trainer's device;
+  Ray Data task's function); the float work runs later on the trainer's device;
 - MONAI: ``LoadImaged`` on the raw .nii.gz -> ``Orientationd`` -> ``Spacingd`` ->
   ``ScaleIntensityRanged`` -> ``ResizeWithPadOrCropd`` -> ``RandSpatialCropSamplesd`` (the views,
   at the config's crop scale) -> ``Resized``.

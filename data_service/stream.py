@@ -18,8 +18,10 @@ streaming executor loops without sleeping while it is backpressured with no task
 most of the time, so one execution for the whole run spins a core inside every training worker
 and takes the GIL from its loop: on the 2-core machine, trainer throughput halved
 (benchmarks/RESULTS.md, "Loader spin"). A chunk's execution fits in the object store budget, runs
-to its end and stops; tasks (not actors) because a task pool reuses warm worker processes, while
-an actor pool would start new actors for every chunk.
+to its end and stops. The next chunk's execution starts ``LEAD`` batches before the current chunk
+ends, in a thread that takes its first batch, so its start-up overlaps training. Tasks, not
+actors: a task pool reuses warm worker processes, while an actor pool would start new actors for
+every chunk.
 Why not ``streaming_split``: it hands blocks to whichever consumer asks first, so which rank
 trains on which sample is not reproducible and an exact resume cannot be proven (docs/design.md).
 """
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import json
 import tarfile
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -164,8 +168,9 @@ class DecodeCrop:
 def rank_stream(index: dict[str, dict[str, Any]], plan: Plan, rank: int, world: int, position: int,
                 first_micro: int, n_micro: int, data: DataConfig, tokenizer_dir: str,
                 text_unit: str = "report") -> Iterator[dict[str, Any]]:
-    """Yields one batch dict per micro-step, in plan order (Ray Data actor pool underneath); each
-    carries ``micro`` and ``position`` (the data position after it)."""
+    """Yields one batch dict per micro-step, in plan order (Ray Data task pools underneath, one
+    execution per ``data.loader_chunk`` micro-steps); each carries ``micro`` and ``position`` (the
+    data position after it)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -176,30 +181,83 @@ def rank_stream(index: dict[str, dict[str, Any]], plan: Plan, rank: int, world: 
             for m, k, pos in plan.rank_keys(rank, world, position, first_micro, n_micro)]
     if not rows:
         return
-    per, announce = plan.batch * data.loader_chunk, ctx.print_on_execution_start
+    per = plan.batch * data.loader_chunk
+    chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
+
+    def execution(part: list[dict[str, Any]]) -> "_Started":
+        ds = ray.data.from_items(part, override_num_blocks=len(part) // plan.batch)
+        ds = ds.map_batches(decode_crop, batch_size=plan.batch, num_cpus=data.loader_cpus_per_actor,
+                            compute=ray.data.TaskPoolStrategy(size=data.loader_actors),
+                            fn_kwargs={"data": data, "tokenizer_dir": tokenizer_dir, "seed": plan.seed,
+                                       "text_unit": text_unit})
+        return _Started(iter(ds.iter_batches(batch_size=plan.batch, batch_format="numpy", prefetch_batches=2)))
+
+    announce, current, upcoming = ctx.print_on_execution_start, execution(chunks[0]), None
     try:
-        for start in range(0, len(rows), per):           # one short execution per chunk (module doc)
-            part = rows[start:start + per]
-            ds = ray.data.from_items(part, override_num_blocks=max(1, len(part) // plan.batch))
-            ds = ds.map_batches(decode_crop, batch_size=plan.batch, num_cpus=data.loader_cpus_per_actor,
-                                compute=ray.data.TaskPoolStrategy(size=data.loader_actors),
-                                fn_kwargs={"data": data, "tokenizer_dir": tokenizer_dir, "seed": plan.seed,
-                                           "text_unit": text_unit})
-            yield from ds.iter_batches(batch_size=plan.batch, batch_format="numpy", prefetch_batches=2)
-            ctx.print_on_execution_start = False          # the plan is printed once, not per chunk
+        for i, part in enumerate(chunks):
+            n = len(part) // plan.batch
+            for j, b in enumerate(current.batches()):
+                ctx.print_on_execution_start = False      # the plan is printed once, not per chunk
+                if j == max(0, n - 1 - LEAD) and i + 1 < len(chunks):
+                    upcoming = execution(chunks[i + 1])   # starts while this chunk's last batches train
+                yield b
+            current, upcoming = upcoming, None
     finally:
         ctx.print_on_execution_start = announce
+        for s in (current, upcoming):
+            if s is not None:
+                s.close()
 
 
-_DECODERS: dict[tuple, DecodeCrop] = {}
+LEAD = 2        # batches before a chunk's end at which the next chunk's execution starts
+
+
+class _Started(threading.Thread):
+    """A Ray Data batch iterator whose execution starts now, in the background: its first batch is
+    taken in this thread (Ray Data starts an execution at the first ``next``), so a chunk's
+    start-up overlaps the previous chunk's last training steps; the rest is iterated by the
+    caller. Its executor finishes the chunk and stops before the trainer catches up (module doc)."""
+
+    def __init__(self, it: Iterator[dict[str, Any]]):
+        super().__init__(daemon=True, name="rank-stream-chunk")
+        self.it, self.first, self.error, self.empty = it, None, None, False
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.first = next(self.it)
+        except StopIteration:
+            self.empty = True
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer by batches()
+            self.error = e
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        if self.empty:
+            return
+        first, self.first = self.first, None
+        yield first
+        yield from self.it
+
+    def close(self) -> None:
+        self.join()
+        getattr(self.it, "close", lambda: None)()
+
+
+_DECODERS: "OrderedDict[tuple, DecodeCrop]" = OrderedDict()
 
 
 def decode_crop(batch: dict[str, np.ndarray], data: DataConfig, tokenizer_dir: str, seed: int,
                 text_unit: str = "report") -> dict[str, Any]:
-    """Ray Data task: ``DecodeCrop`` on one batch, built once per worker process (the task pool
-    reuses processes across chunks, so the tokenizer is loaded once per process, not per batch)."""
+    """Ray Data task: ``DecodeCrop`` on one batch, built once per worker process and configuration
+    (the task pool reuses processes across chunks, so a tokenizer is loaded once per process, not
+    per batch; the last 4 configurations are kept, for sweeps whose trials share processes)."""
     key = (repr(data), tokenizer_dir, seed, text_unit)
     if key not in _DECODERS:
-        _DECODERS.clear()                                 # one configuration per process at a time
         _DECODERS[key] = DecodeCrop(data, tokenizer_dir, seed, text_unit)
+        while len(_DECODERS) > 4:
+            _DECODERS.popitem(last=False)
+    _DECODERS.move_to_end(key)
     return _DECODERS[key](batch)

@@ -117,7 +117,7 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     # Ray Data only budgets CPUs Train did not reserve: start with more logical CPUs than cores
-    # so that workers and the decode actors both get scheduled (docs/design.md).
+    # so that workers and the decode tasks both get scheduled (docs/design.md).
     # The dashboard (loopback only) serves the State API that Ray Train's placement-group cleaner
     # polls every second: without it, the cleaner cannot work and logs a warning per poll.
     n = cfg.ray.num_cpus or max(8, 4 * (os.cpu_count() or 2))

@@ -1,4 +1,4 @@
-"""The data plan (exact position), the views, and the decode actor's handling of corrupt samples."""
+"""The data plan (exact position), the views, the decoder's handling of corrupt samples, and the chunked stream."""
 from __future__ import annotations
 
 import json
@@ -126,35 +126,50 @@ def test_decode_actor_ships_negated_sentences(phantom, debug_cfg, tmp_path):
     assert "neg_input_ids" not in DecodeCrop(debug_cfg.data, str(tok_dir), seed=0, text_unit="sentence")(batch)
 
 
-def test_rank_stream_chunks_keep_the_plan(phantom, debug_cfg, tmp_path):
+def test_rank_stream_chunks_keep_the_plan(phantom, debug_cfg, tmp_path, monkeypatch):
     """The stream runs one Ray Data execution per ``data.loader_chunk`` micro-steps (module doc:
-    Ray Data's executor spins while backpressured): chunking changes nothing in what a rank gets,
-    batch by batch, from a resumed position, including a last chunk shorter than the rest."""
+    Ray Data's executor spins while backpressured), each started before the previous one ends:
+    chunking changes nothing in what a rank gets, batch by batch, from a resumed position,
+    including a last chunk shorter than the rest; and each batch is what ``DecodeCrop`` makes of
+    its rows, whatever configuration the worker processes decoded before (another seed here)."""
     import dataclasses
 
     import ray
 
     from common.text import build_tokenizer
-    from data_service.stream import rank_stream
+    from data_service import stream
 
     index = build_index(phantom / "shards", "train")
     tok_dir = tmp_path / "tok"
     build_tokenizer(["no pleural effusion", "cardiomegaly is present"], 200, tok_dir)
-    plan = Plan(sorted(index), batch=2, seed=3)
+    executions = []
+    from_items = ray.data.from_items
+    monkeypatch.setattr(ray.data, "from_items", lambda rows, **kw: executions.append(len(rows)) or from_items(rows, **kw))
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     try:
         runs = {}
-        for chunk in (2, 100):
+        for chunk, seed in ((2, 3), (100, 3), (2, 4)):
             data = dataclasses.replace(debug_cfg.data, loader_chunk=chunk)
-            runs[chunk] = list(rank_stream(index, plan, 1, 2, 4, 1, 5, data, str(tok_dir)))
+            runs[chunk, seed] = list(stream.rank_stream(index, Plan(sorted(index), 2, seed), 1, 2, 4, 1, 5, data,
+                                                        str(tok_dir)))
     finally:
         ray.shutdown()
-    want = plan.rank_keys(1, 2, 4, 1, 5)
-    for got in runs.values():
+    assert executions == [4, 4, 2, 10, 4, 4, 2]                 # rows per execution: 2 + 2 + 1 micro-steps, then 5
+    for (chunk, seed), got in runs.items():
+        want = Plan(sorted(index), 2, seed).rank_keys(1, 2, 4, 1, 5)
         assert [int(b["micro"][0]) for b in got] == [1, 2, 3, 4, 5]
         assert [k for b in got for k in b["key"]] == [k for _, k, _ in want]
         assert [int(p) for b in got for p in b["position"]] == [p for _, _, p in want]
         assert all(b["ok"].all() for b in got)
-    for a, b in zip(*runs.values()):
+    for a, b in zip(runs[2, 3], runs[100, 3]):
         for name in ("image", "views", "params", "input_ids"):
             assert np.array_equal(a[name], b[name]), name
+    direct = DecodeCrop(debug_cfg.data, str(tok_dir), seed=4)
+    last = runs[2, 4][-1]
+    want = Plan(sorted(index), 2, 4).rank_keys(1, 2, 4, 1, 5)[-2:]
+    ref = direct({"key": np.array([k for _, k, _ in want]), "micro": np.array([m for m, _, _ in want]),
+                  "position": np.array([p for _, _, p in want]),
+                  "shard": np.array([index[k]["shard"] for _, k, _ in want]),
+                  "members": np.array([json.dumps(index[k]["members"]) for _, k, _ in want])})
+    assert np.array_equal(ref["image"], last["image"]) and np.array_equal(ref["views"], last["views"])
+    assert not np.array_equal(runs[2, 3][-1]["views"], last["views"])          # the seed reached the decoder

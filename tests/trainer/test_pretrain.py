@@ -27,7 +27,8 @@ def ray_local():
 def _cfg(phantom, out, name, **sets):
     base = {"data.shards": str(phantom / "shards"), "train.output_dir": str(out), "train.run_name": name,
             "train.batch_size": 2, "train.steps": 4, "train.checkpoint_every": 2, "train.log_every": 1,
-            "train.warmup_steps": 1, "ray.num_workers": 2, "data.views.n": 2}
+            "train.warmup_steps": 1, "ray.num_workers": 2, "data.views.n": 2,
+            "data.loader_chunk": 1}      # every micro-step its own Ray Data execution: the runs cross chunks
     base.update(sets)
     return load_config(REPO / "configs/debug.yaml", [f"{k}={v}" for k, v in base.items()])
 
