@@ -197,8 +197,8 @@ def rank_stream(index: dict[str, dict[str, Any]], plan: Plan, rank: int, world: 
         for i, part in enumerate(chunks):
             n = len(part) // plan.batch
             for j, b in enumerate(current.batches()):
-                ctx.print_on_execution_start = False      # the plan is printed once, not per chunk
                 if j == max(0, n - 1 - LEAD) and i + 1 < len(chunks):
+                    ctx.print_on_execution_start = False  # the plan is printed once, not per chunk
                     upcoming = execution(chunks[i + 1])   # starts while this chunk's last batches train
                 yield b
             current, upcoming = upcoming, None
@@ -220,14 +220,12 @@ class _Started(threading.Thread):
 
     def __init__(self, it: Iterator[dict[str, Any]]):
         super().__init__(daemon=True, name="rank-stream-chunk")
-        self.it, self.first, self.error, self.empty = it, None, None, False
+        self.it, self.first, self.error = it, None, None
         self.start()
 
     def run(self) -> None:
         try:
-            self.first = next(self.it)
-        except StopIteration:
-            self.empty = True
+            self.first = next(self.it, None)              # None: an empty execution
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer by batches()
             self.error = e
 
@@ -235,7 +233,7 @@ class _Started(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
-        if self.empty:
+        if self.first is None:
             return
         first, self.first = self.first, None
         yield first
