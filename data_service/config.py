@@ -11,7 +11,7 @@ class ViewsConfig:
     """Multi-view crops for TMA (data_service.views)."""
     n: int = 2                                  # views per volume (0 = no views: CLIP only)
     size: list[int] = field(default_factory=lambda: [128, 128, 64])  # every view is resized to this
-    scale: list[float] = field(default_factory=lambda: [0.4, 0.7])   # crop edge / volume edge
+    scale: list[float] = field(default_factory=lambda: [0.75, 1.0])  # crop edge / volume edge (docs/design.md)
     flip_prob: float = 0.5                      # random flip per axis
     intensity_jitter: float = 0.1               # +- scale/shift of normalised intensity
     noise_std: float = 0.02                     # gaussian noise on normalised intensity

@@ -70,3 +70,30 @@ def test_supervised_ceiling_runs_on_shards(phantom, capsys):
     assert "flips + shifts up to 2 voxels" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="Nodule"):
         supervised_ceiling.main([*args, "--labels", "Nodule"])
+
+
+def test_term_signal_trains_each_term_alone(phantom, capsys):
+    """Each term trains alone and is printed beside log(B). With views that are the whole volume
+    (scale 1, the volume's size, no flips, jitter or noise), the view<->report term sees exactly
+    what the global term sees: same init, same batches, so the same losses step by step."""
+    from benchmarks import term_signal
+    from common.config import load_config
+
+    sets = [f"data.shards={phantom / 'shards'}"]
+    args = ["--config", str(REPO / "configs/debug.yaml"), "--steps", "4", "--batch", "2", "--every", "2"]
+    assert term_signal.main([*args, *sum((["--set", s] for s in sets), [])]) == 0
+    out = capsys.readouterr().out
+    assert "chance log(B) = 0.693" in out, out
+    rows = dict(re.findall(r"^(\w+)\s+2: [\d.]+  4: [\d.]+  \| last/chance ([\d.]+)", out, re.M))
+    assert sorted(rows) == sorted(term_signal.TERMS), out
+
+    same = sets + ["data.views.scale=[1.0,1.0]", "data.views.size=[80,80,40]", "data.views.flip_prob=0",
+                   "data.views.intensity_jitter=0", "data.views.noise_std=0"]
+    cfg = load_config(REPO / "configs/debug.yaml", same)
+    tok = term_signal.tokenizer_dir(cfg, str(phantom / "tok"))
+    clip = term_signal.run_term("clip", cfg, tok, 3, 2, 1)
+    view = term_signal.run_term("view_clip", cfg, tok, 3, 2, 1)
+    assert [s for s, _ in clip] == [1, 2, 3]
+    assert [v for _, v in clip] == pytest.approx([v for _, v in view], rel=1e-4), (clip, view)
+    with pytest.raises(SystemExit, match="nope"):
+        term_signal.main([*args, "--terms", "clip,nope"])
