@@ -12,9 +12,10 @@ log(B), the value of an InfoNCE term that has learnt nothing. Terms:
              as ``data.views`` crops it, carry its report at all? If not, no view <-> text term can
              learn, whatever its form;
   local      TMA's token-region term (``tma.w_local``).
-Why: every TMA term sat at its chance value through every science run (local log 16, consistency
-log 4) and no loss weight moved it; this tells a term that cannot learn from a term that learns
-slowly, in minutes instead of a 13-minute run. Not a training path: no Ray, no DeepSpeed.
+Why: TMA's token-region term sat at its chance value (log 16) through every science run, and no
+loss weight moved it. This tells a term that cannot learn from one that learns slowly, in minutes
+instead of a 13-minute run: with views of 0.4-0.6 of each edge neither ``local`` nor ``view_clip``
+left chance in 600 steps (benchmarks/RESULTS.md). Not a training path: no Ray, no DeepSpeed.
 """
 from __future__ import annotations
 
@@ -103,15 +104,12 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--terms", default=",".join(TERMS))
     a = p.parse_args(argv)
-    import torch
-
     from common.config import load_config
 
     cfg = load_config(a.config, a.set)
     names = [t.strip() for t in a.terms.split(",") if t.strip()]
     if bad := [t for t in names if t not in TERMS]:
         raise SystemExit(f"--terms: {bad} not among {list(TERMS)}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     chance = math.log(a.batch)
     print(f"term_signal: {a.config} {' '.join(a.set)}; batch {a.batch}, chance log(B) = {chance:.3f}; "
           f"views {cfg.data.views.n} x {cfg.data.views.size} at scale {cfg.data.views.scale} of each edge")
