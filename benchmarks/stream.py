@@ -46,15 +46,13 @@ def _one_thread() -> None:
 def run_ours(cfg_path: str, shards: str, tok: str, views: int, reps: int) -> dict:
     _one_thread()
     from common.config import load_config
-    from data_service.stream import DecodeCrop, build_index
+    from data_service.stream import DecodeCrop, build_index, loader_batch
 
     cfg = load_config(cfg_path, [f"data.views.n={views}"])
     index = build_index(shards, "train")
     keys = sorted(index)
     actor = DecodeCrop(cfg.data, tok, seed=0, text_unit=cfg.model.text_unit)
-    batch = {"key": np.array(keys), "micro": np.zeros(len(keys), int),
-             "shard": np.array([index[k]["shard"] for k in keys]),
-             "members": np.array([json.dumps(index[k]["members"]) for k in keys])}
+    batch = loader_batch(index, [(0, k, -1) for k in keys])
     out = actor({k: v[:1] for k, v in batch.items()})               # warm-up
     t = time.perf_counter()
     for r in range(reps):

@@ -20,7 +20,6 @@ left chance in 600 steps (benchmarks/RESULTS.md). Not a training path: no Ray, n
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -64,7 +63,7 @@ def run_term(name: str, cfg, tok_dir: str, steps: int, batch: int, every: int) -
     import torch
 
     from common.text import load_tokenizer
-    from data_service.stream import DecodeCrop, Plan, build_index
+    from data_service.stream import DecodeCrop, Plan, build_index, loader_batch
     from trainer.model import build_model
     from trainer.step import Batch, model_inputs
 
@@ -78,10 +77,7 @@ def run_term(name: str, cfg, tok_dir: str, steps: int, batch: int, every: int) -
     views = name != "clip"
     window, curve = [], []
     for step, (pos, keys) in enumerate(Plan(sorted(index), batch, cfg.train.seed).steps(1, 0, steps)):
-        b = {"key": np.array(keys), "micro": np.full(len(keys), step), "position": np.full(len(keys), pos),
-             "shard": np.array([index[k]["shard"] for k in keys]),
-             "members": np.array([json.dumps(index[k]["members"]) for k in keys])}
-        mb = Batch.from_numpy(decode(b), "cpu", views=views)
+        mb = Batch.from_numpy(decode(loader_batch(index, [(step, k, pos) for k in keys])), "cpu", views=views)
         image, v = model_inputs(mb, cfg.data, torch.float32, "torch")
         loss = term_loss(name, model(image, mb.input_ids, mb.attention_mask, v), cfg)
         opt.zero_grad()

@@ -165,6 +165,20 @@ class DecodeCrop:
                 "attention_mask": enc["attention_mask"].astype(np.int64)}
 
 
+def loader_rows(index: dict[str, dict[str, Any]], triples) -> list[dict[str, Any]]:
+    """(micro-step, key, data position after it) triples -> the rows ``DecodeCrop`` reads: where each
+    sample's members lie in its shard (``build_index``)."""
+    return [{"micro": m, "position": pos, "key": k, "shard": index[k]["shard"],
+             "members": json.dumps(index[k]["members"])} for m, k, pos in triples]
+
+
+def loader_batch(index: dict[str, dict[str, Any]], triples) -> dict[str, np.ndarray]:
+    """The same rows as one column batch, as Ray Data hands them to ``DecodeCrop``: for callers that
+    decode in their own process (benchmarks, tests)."""
+    rows = loader_rows(index, triples)
+    return {name: np.array([r[name] for r in rows]) for name in rows[0]}
+
+
 def rank_stream(index: dict[str, dict[str, Any]], plan: Plan, rank: int, world: int, position: int,
                 first_micro: int, n_micro: int, data: DataConfig, tokenizer_dir: str,
                 text_unit: str = "report") -> Iterator[dict[str, Any]]:
@@ -176,9 +190,7 @@ def rank_stream(index: dict[str, dict[str, Any]], plan: Plan, rank: int, world: 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
-    rows = [{"micro": m, "position": pos, "key": k, "shard": index[k]["shard"],
-             "members": json.dumps(index[k]["members"])}
-            for m, k, pos in plan.rank_keys(rank, world, position, first_micro, n_micro)]
+    rows = loader_rows(index, plan.rank_keys(rank, world, position, first_micro, n_micro))
     if not rows:
         return
     per = plan.batch * data.loader_chunk

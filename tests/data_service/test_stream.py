@@ -8,7 +8,7 @@ import pytest
 
 from data_service.config import AugmentConfig, ViewsConfig
 from data_service.shards import iter_split
-from data_service.stream import DecodeCrop, Plan, build_index
+from data_service.stream import DecodeCrop, Plan, build_index, loader_batch
 from data_service.views import N_PARAMS, MultiViewCrop, augment_report, shift_volume
 
 
@@ -114,9 +114,7 @@ def test_decode_actor_ships_negated_sentences(phantom, debug_cfg, tmp_path):
     tok = build_tokenizer(list(report.values()) + ["no not"], 400, tok_dir)
     data = dataclasses.replace(debug_cfg.data, augment=dataclasses.replace(debug_cfg.data.augment, negated_sentences=True))
     actor = DecodeCrop(data, str(tok_dir), seed=0, text_unit="sentence")
-    batch = {"key": np.array(keys), "micro": np.array([0, 0]), "position": np.array([2, 2]),
-             "shard": np.array([index[k]["shard"] for k in keys]),
-             "members": np.array([json.dumps(index[k]["members"]) for k in keys])}
+    batch = loader_batch(index, [(0, k, 2) for k in keys])
     out = actor(batch)
     assert out["neg_input_ids"].shape == out["input_ids"].shape == (2, data.max_sentences, data.max_sentence_tokens)
     assert np.array_equal(out["neg_attention_mask"][:, :, 0], out["attention_mask"][:, :, 0])
@@ -167,9 +165,6 @@ def test_rank_stream_chunks_keep_the_plan(phantom, debug_cfg, tmp_path, monkeypa
     direct = DecodeCrop(debug_cfg.data, str(tok_dir), seed=4)
     last = runs[2, 4][-1]
     want = Plan(sorted(index), 2, 4).rank_keys(1, 2, 4, 1, 5)[-2:]
-    ref = direct({"key": np.array([k for _, k, _ in want]), "micro": np.array([m for m, _, _ in want]),
-                  "position": np.array([p for _, _, p in want]),
-                  "shard": np.array([index[k]["shard"] for _, k, _ in want]),
-                  "members": np.array([json.dumps(index[k]["members"]) for _, k, _ in want])})
+    ref = direct(loader_batch(index, want))
     assert np.array_equal(ref["image"], last["image"]) and np.array_equal(ref["views"], last["views"])
     assert not np.array_equal(runs[2, 3][-1]["views"], last["views"])          # the seed reached the decoder
