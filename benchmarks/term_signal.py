@@ -24,6 +24,7 @@ import math
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -45,18 +46,6 @@ def term_loss(name: str, out: dict, cfg):
     if name == "local":
         return local_alignment_loss(out["view_regions"], out["tokens"], out["token_mask"], cfg.tma)
     raise ValueError(f"--terms: {name!r} is not one of {list(TERMS)}")
-
-
-def tokenizer_dir(cfg, tmp: str) -> str:
-    """The text encoder's own tokenizer, or WordPiece on the train reports (as ``trainer.pretrain``)."""
-    if cfg.model.text_encoder:
-        return cfg.model.text_encoder
-    from common.text import build_tokenizer
-    from data_service.shards import iter_split
-
-    build_tokenizer([s["report"] for s in iter_split(cfg.data.shards, "train", decode_ct=False)],
-                    cfg.model.vocab_size, tmp)
-    return tmp
 
 
 def run_term(name: str, cfg, tok_dir: str, steps: int, batch: int, every: int) -> list[tuple[int, float]]:
@@ -101,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--terms", default=",".join(TERMS))
     a = p.parse_args(argv)
     from common.config import load_config
+    from trainer.pretrain import prepare_tokenizer
 
     cfg = load_config(a.config, a.set)
     names = [t.strip() for t in a.terms.split(",") if t.strip()]
@@ -110,7 +100,7 @@ def main(argv=None) -> int:
     print(f"term_signal: {a.config} {' '.join(a.set)}; batch {a.batch}, chance log(B) = {chance:.3f}; "
           f"views {cfg.data.views.n} x {cfg.data.views.size} at scale {cfg.data.views.scale} of each edge")
     with tempfile.TemporaryDirectory() as tmp:
-        tok = tokenizer_dir(cfg, tmp)
+        tok = prepare_tokenizer(cfg, Path(tmp))           # the text encoder's own, or WordPiece as a run makes it
         for name in names:
             t0 = time.time()
             curve = run_term(name, cfg, tok, a.steps, a.batch, a.every)

@@ -78,6 +78,7 @@ def test_term_signal_trains_each_term_alone(phantom, capsys):
     what the global term sees: same init, same batches, so the same losses step by step."""
     from benchmarks import term_signal
     from common.config import load_config
+    from trainer.pretrain import prepare_tokenizer
 
     sets = [f"data.shards={phantom / 'shards'}"]
     args = ["--config", str(REPO / "configs/debug.yaml"), "--steps", "4", "--batch", "2", "--every", "2"]
@@ -90,7 +91,7 @@ def test_term_signal_trains_each_term_alone(phantom, capsys):
     same = sets + ["data.views.scale=[1.0,1.0]", "data.views.size=[80,80,40]", "data.views.flip_prob=0",
                    "data.views.intensity_jitter=0", "data.views.noise_std=0"]
     cfg = load_config(REPO / "configs/debug.yaml", same)
-    tok = term_signal.tokenizer_dir(cfg, str(phantom / "tok"))
+    tok = prepare_tokenizer(cfg, phantom / "term-signal")
     clip = term_signal.run_term("clip", cfg, tok, 3, 2, 1)
     view = term_signal.run_term("view_clip", cfg, tok, 3, 2, 1)
     assert [s for s, _ in clip] == [1, 2, 3]
