@@ -8,7 +8,7 @@ DEMO ?= demo
 SEED ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo demo-clean science sweep-demo up down status bench clean
+.PHONY: install test test-fast demo demo-clean science science-targets sweep-demo up down status bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: install
 # does pretraining learn? CLIP-only vs CLIP+TMA on phantoms, one seed (make science SEED=1 for another)
 science: install
 	$(BIN)/python -m cluster.science --seed $(SEED)
+
+# issue #9's targets over every seed `make science` has run (runs/science-s*.json), each met or not
+science-targets: install
+	$(BIN)/python -m cluster.science_targets --out runs
 
 # a 4-trial Ray Tune sweep over TMA settings on phantoms (ASHA, 2 trials at a time)
 sweep-demo: install
