@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_service.synth import PLANTED
+from cluster.science import PLANTED, SMALL
 
-SMALL = ("Lung nodule", "Arterial wall calcification")
 CLIP_MEAN, TMA_MEAN, TMA_EACH = 0.85, 0.88, 0.75
 
 
@@ -74,25 +73,21 @@ def evaluate(reports: dict[int, dict], prompts: str = "single", min_seeds: int =
 
     worst = {s: min(PLANTED, key=lambda f: per[s][f]["tma"][0]) for s in seeds}
     small_lo = {f: [per[s][f]["delta"][1] for s in seeds] for f in SMALL}
-    met = {
-        f"at least {min_seeds} seeds": len(seeds) >= min_seeds,
-        f"CLIP-only mean >= {CLIP_MEAN} at every seed": all(m >= CLIP_MEAN for m in means["clip"]),
-        f"CLIP+TMA mean >= {TMA_MEAN} at every seed": all(m >= TMA_MEAN for m in means["tma"]),
-        f"CLIP+TMA every planted finding >= {TMA_EACH} at every seed":
-            all(per[s][worst[s]]["tma"][0] >= TMA_EACH for s in seeds),
-        **{f"CLIP+TMA beats CLIP-only on {f} beyond the CI at every seed": all(lo > 0 for lo in small_lo[f]) for f in SMALL},
-    }
-    why = {
-        f"at least {min_seeds} seeds": f"{len(seeds)} found",
-        f"CLIP-only mean >= {CLIP_MEAN} at every seed": " ".join(f"{m:.3f}" for m in means["clip"]),
-        f"CLIP+TMA mean >= {TMA_MEAN} at every seed": " ".join(f"{m:.3f}" for m in means["tma"]),
-        f"CLIP+TMA every planted finding >= {TMA_EACH} at every seed":
-            "lowest: " + ", ".join(f"s{s} {worst[s]} {per[s][worst[s]]['tma'][0]:.3f}" for s in seeds),
-        **{f"CLIP+TMA beats CLIP-only on {f} beyond the CI at every seed":
-           "CI lower bounds " + " ".join(f"{lo:+.3f}" for lo in small_lo[f]) for f in SMALL},
-    }
+    targets = [  # (target, met, the numbers behind it)
+        (f"at least {min_seeds} seeds", len(seeds) >= min_seeds, f"{len(seeds)} found"),
+        (f"CLIP-only mean >= {CLIP_MEAN} at every seed", all(m >= CLIP_MEAN for m in means["clip"]),
+         " ".join(f"{m:.3f}" for m in means["clip"])),
+        (f"CLIP+TMA mean >= {TMA_MEAN} at every seed", all(m >= TMA_MEAN for m in means["tma"]),
+         " ".join(f"{m:.3f}" for m in means["tma"])),
+        (f"CLIP+TMA every planted finding >= {TMA_EACH} at every seed",
+         all(per[s][worst[s]]["tma"][0] >= TMA_EACH for s in seeds),
+         "lowest: " + ", ".join(f"s{s} {worst[s]} {per[s][worst[s]]['tma'][0]:.3f}" for s in seeds)),
+        *((f"CLIP+TMA beats CLIP-only on {f} beyond the CI at every seed", all(lo > 0 for lo in small_lo[f]),
+           "CI lower bounds " + " ".join(f"{lo:+.3f}" for lo in small_lo[f])) for f in SMALL),
+    ]
+    met = {k: ok for k, ok, _ in targets}
     lines.append("\ntargets (issue #9)")
-    lines += [f"  [{'met' if ok else 'NOT met'}] {k}: {why[k]}" for k, ok in met.items()]
+    lines += [f"  [{'met' if ok else 'NOT met'}] {k}: {why}" for k, ok, why in targets]
     sets = {tuple(reports[s].get("overrides", [])) for s in seeds}
     if len(sets) > 1:
         lines.append("\nnote: the seeds' runs used different --set overrides: "
