@@ -83,6 +83,16 @@ def one_conv(stride: int, pool: str):
     return OneConv()
 
 
+def adamw_warmup(params, cfg):
+    """Plain AdamW at ``train.lr`` with a linear warmup over ``train.warmup_steps`` and no decay: the
+    optimiser of the single-process diagnostics (this one and ``benchmarks.term_signal``)."""
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    warm = max(1, cfg.train.warmup_steps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.supervised_ceiling", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/phantom.yaml")
@@ -126,9 +136,7 @@ def main(argv=None) -> int:
     enc = (ImageEncoder(cfg.model) if a.net == "encoder" else one_conv(a.conv_stride, a.conv_pool)).to(dev)
     head = torch.nn.Linear(enc.out_dim, len(names)).to(dev)
     params = [*enc.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    warm = max(1, cfg.train.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    opt, sched = adamw_warmup(params, cfg)
     rng = np.random.default_rng(cfg.train.seed)
 
     def inputs(x: np.ndarray) -> torch.Tensor:

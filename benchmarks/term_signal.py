@@ -51,6 +51,7 @@ def term_loss(name: str, out: dict, cfg):
 def run_term(name: str, cfg, tok_dir: str, steps: int, batch: int, every: int) -> list[tuple[int, float]]:
     import torch
 
+    from benchmarks.supervised_ceiling import adamw_warmup
     from common.text import load_tokenizer
     from data_service.stream import DecodeCrop, Plan, build_index, loader_batch
     from trainer.model import build_model
@@ -58,9 +59,7 @@ def run_term(name: str, cfg, tok_dir: str, steps: int, batch: int, every: int) -
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, len(load_tokenizer(tok_dir)))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    warm = max(1, cfg.train.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    opt, sched = adamw_warmup(model.parameters(), cfg)
     index = build_index(cfg.data.shards, "train")
     decode = DecodeCrop(cfg.data, tok_dir, seed=cfg.train.seed, text_unit=cfg.model.text_unit)
     views = name != "clip"
