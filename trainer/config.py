@@ -96,6 +96,7 @@ class TMAConfig:
     sinkhorn_epsilon: float = 0.05
     consistency_on: str = "text_informed"       # "text_informed" or "global"
     local_space: str = "separate"               # regions/tokens: own heads ("separate") or the CLIP heads ("shared")
+    text_grad: bool = True                      # local/consistency terms also train the text tower (docs/design.md)
     kernel: str = "auto"                        # "auto" | "torch" | "triton" (token-region attention)
 
     def validate(self, root=None) -> "TMAConfig":
@@ -130,6 +131,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 100
     min_lr_ratio: float = 0.01
+    schedule: str = "cosine"                    # after warmup: "cosine" to min_lr_ratio | "wsd" (docs/design.md)
+    decay_fraction: float = 0.2                 # wsd: the last fraction of the steps decays, the rest holds the peak
     grad_clip: float = 1.0
     precision: str = "auto"                     # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16"
     augment_kernel: str = "auto"                # device-side augmentation: "auto" | "torch" | "triton"
@@ -144,6 +147,9 @@ class TrainConfig:
 
     def validate(self, root=None) -> "TrainConfig":
         check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        check_choice("train.schedule", self.schedule, ("cosine", "wsd"))
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction!r}")
         check_choice("train.augment_kernel", self.augment_kernel, ("auto", "torch", "triton"))
         for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "keep_checkpoints"):
             check_range(f"train.{k}", getattr(self, k), 1)

@@ -45,14 +45,41 @@ def deepspeed_config(cfg: Config, universal: bool = False) -> dict[str, Any]:
         "zero_optimization": zero,
         "bf16": {"enabled": use_bf16(cfg)},
         "optimizer": {"type": "AdamW", "params": adamw_params(cfg, on_gpu)},
-        "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": max(t.steps, t.warmup_steps + 1),  # DeepSpeed needs >= 1 warmup step
-            "warmup_num_steps": max(1, t.warmup_steps),
-            "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"}},
+        # WSD is not a DeepSpeed scheduler type: init_engine passes it as an object instead
+        **({} if t.schedule == "wsd" else {"scheduler": {"type": "WarmupCosineLR", "params": schedule_params(cfg)}}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         **({"checkpoint": {"load_universal": True}} if universal else {}),
     }
+
+
+def schedule_params(cfg: Config) -> dict[str, Any]:
+    t = cfg.train
+    return {"total_num_steps": max(t.steps, t.warmup_steps + 1),  # DeepSpeed needs >= 1 warmup step
+            "warmup_num_steps": max(1, t.warmup_steps),
+            "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"}
+
+
+def wsd_scheduler(cfg: Config):
+    """``train.schedule=wsd``: a callable optimizer -> warmup-stable-decay scheduler. DeepSpeed's
+    ``WarmupCosineLR`` (same warmup, state and checkpointing) held at the peak lr until the last
+    ``train.decay_fraction`` of the steps, which decay on a cosine to ``train.min_lr_ratio``
+    (Hägele et al. 2024, "Scaling laws and compute-optimal training beyond fixed training durations")."""
+    import math
+
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    decay = max(1, round(cfg.train.steps * cfg.train.decay_fraction))
+
+    class WarmupStableDecayLR(WarmupCosineLR):
+        def get_lr_ratio(self):
+            it, start = self.last_batch_iteration, self.total_num_steps - decay
+            if it < self.warmup_num_steps:
+                return super().get_lr_ratio()
+            p = min(1.0, max(0, it - start + 1) / decay)
+            return self.cos_min_ratio + (1.0 - self.cos_min_ratio) * (1 + math.cos(math.pi * p)) / 2
+
+    return lambda optimizer: WarmupStableDecayLR(optimizer, **schedule_params(cfg))
 
 
 def adamw_params(cfg: Config, on_gpu: bool) -> dict[str, Any]:
@@ -110,7 +137,8 @@ def init_engine(model: torch.nn.Module, cfg: Config, universal: bool = False):
         torch.backends.cudnn.benchmark = True
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
-                                           config=deepspeed_config(cfg, universal))
+                                           config=deepspeed_config(cfg, universal),
+                                           lr_scheduler=wsd_scheduler(cfg) if cfg.train.schedule == "wsd" else None)
     return engine
 
 

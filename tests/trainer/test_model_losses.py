@@ -69,6 +69,24 @@ def test_gradient_flows_for_each_term(cfg, term):
         assert m.prototypes.grad is not None and m.prototypes.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("term", ["local", "consistency"])
+def test_text_grad_false_stops_tma_at_the_text_tower(cfg, term):
+    """tma.text_grad=false: the TMA terms still train the image tower and the token head, never the
+    text tower; the clip term still trains the text tower."""
+    torch.manual_seed(0)
+    m = build_model(load_config(REPO / "configs/debug.yaml", ["tma.text_grad=false"]))
+    c = TMAConfig(**{**m.tcfg.__dict__, "w_clip": 0.0, "w_local": 0.0, "w_consistency": 0.0, f"w_{term}": 1.0})
+    m.tcfg = c
+    T3DLoss(c)(m(**_batch(cfg)))[0].backward()
+    assert m.image.net.conv1.weight.grad.abs().sum() > 0
+    assert m.txt_local.weight.grad.abs().sum() > 0, f"{term}: the token head must still learn"
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.text.parameters()), f"{term} reached the text tower"
+    m.zero_grad()
+    m.tcfg = TMAConfig(**{**c.__dict__, "w_clip": 1.0, f"w_{term}": 0.0})
+    T3DLoss(m.tcfg)(m(**_batch(cfg)))[0].backward()
+    assert m.text.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
 def test_clip_low_when_aligned_logb_when_shuffled():
     torch.manual_seed(0)
     b = 16

@@ -56,3 +56,36 @@ def test_train_step_outside_ray_learns(phantom):
     assert {"clip", "local", "consistency", "loss"} <= set(logs[0])
     assert logs[-1]["clip"] < 0.5 * logs[0]["clip"], [round(x["clip"], 3) for x in logs]
     assert engine.global_steps == 25
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_lr_schedule_warmup_then_cosine_or_stable_decay(schedule):
+    """The engine's lr per step: linear warmup to train.lr, then a cosine to min_lr_ratio over the
+    rest (cosine) or held at train.lr until the last decay_fraction of the steps (wsd). A resumed
+    scheduler continues from the saved step."""
+    import math
+
+    from trainer.engine import init_engine
+
+    cfg = load_config(REPO / "configs/debug.yaml", ["train.lr=0.001", "train.warmup_steps=10", "train.steps=100",
+                                                    "train.min_lr_ratio=0.1", f"train.schedule={schedule}",
+                                                    "train.decay_fraction=0.25"])
+    engine = init_engine(torch.nn.Linear(4, 4), cfg)
+    lrs = []
+    for _ in range(100):                                                     # lrs[i]: the lr of step i
+        engine.lr_scheduler.step()
+        lrs.append(engine.get_lr()[0])
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.0005) and lrs[10] == pytest.approx(0.001, rel=1e-3)
+    assert lrs[99] == pytest.approx(0.0001, rel=0.05) and min(lrs[10:]) >= 0.0001 - 1e-12
+    if schedule == "wsd":
+        assert all(lr == pytest.approx(0.001) for lr in lrs[10:75])          # stable until step 75
+        frac = (1 + math.cos(math.pi * (88 - 75 + 1) / 25)) / 2
+        assert lrs[88] == pytest.approx(0.0001 + 0.0009 * frac)
+    else:
+        assert lrs[55] < 0.001 * 0.6 and lrs[30] < 0.001                     # halfway down the cosine
+    saved = engine.lr_scheduler.state_dict()
+    fresh = init_engine(torch.nn.Linear(4, 4), cfg)
+    fresh.lr_scheduler.load_state_dict(saved)
+    fresh.lr_scheduler.step()
+    engine.lr_scheduler.step()
+    assert fresh.get_lr()[0] == pytest.approx(engine.get_lr()[0])

@@ -94,6 +94,11 @@ class T3D(nn.Module):
         """The image encoder's pooled features (B,C) -> normalized embedding in the shared space (B,E)."""
         return F.normalize(self.img_proj(pooled), dim=-1)
 
+    def token_head(self, states: torch.Tensor) -> torch.Tensor:
+        """The text tower's token states -> the token-region space. With ``tma.text_grad=false`` the
+        TMA terms train this head but stop at the tower: the tower learns only from clip/sentence."""
+        return self.local_head(states if self.tcfg.text_grad else states.detach(), image=False)
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sentences: bool = False):
         """Reports (B,L), or reports as sentences (B,S,Ls) (``model.text_unit=sentence``, from
         ``common.text.encode_reports``) -> normalized report (B,E), normalized tokens (B,L',Dl) and
@@ -106,7 +111,7 @@ class T3D(nn.Module):
                 raise ValueError("sentence embeddings need model.text_unit=sentence (input ids (B,S,Ls)), "
                                  f"got input ids of shape {tuple(input_ids.shape)}")
             pooled, tokens = self.text(input_ids, attention_mask)
-            return (F.normalize(self.txt_proj(pooled), dim=-1), F.normalize(self.local_head(tokens, image=False), dim=-1),
+            return (F.normalize(self.txt_proj(pooled), dim=-1), F.normalize(self.token_head(tokens), dim=-1),
                     content_mask(attention_mask).to(tokens.dtype))
         b, s, n = input_ids.shape
         ids, am = input_ids.reshape(b * s, n), attention_mask.reshape(b * s, n)
@@ -118,7 +123,7 @@ class T3D(nn.Module):
         sent = self.txt_proj(pooled)
         report = torch.zeros(b, sent.shape[1], dtype=sent.dtype, device=sent.device).index_add(0, owner, sent)
         report = report / torch.bincount(owner, minlength=b).clamp_min(1)[:, None].to(sent.dtype)
-        local = self.local_head(states, image=False)
+        local = self.token_head(states)
         tokens = local.new_zeros(b * s, n, local.shape[-1])
         tokens[present] = local
         out = (F.normalize(report, dim=-1), F.normalize(tokens.view(b, s * n, -1), dim=-1),
