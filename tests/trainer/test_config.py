@@ -12,6 +12,14 @@ def test_presets_load():
     assert t3d.model.image_layers == [3, 4, 6, 3]  # ResNet-50
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_validates(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.train.steps > 0
+    if name == "phantom.yaml":                      # the science preset's schedule (docs/design.md)
+        assert (cfg.train.schedule, cfg.train.decay_fraction, cfg.train.steps) == ("wsd", 0.2, 1500)
+
+
 def test_flavour_picks_the_sizes_and_explicit_keys_win():
     from trainer.config import FLAVOURS
 
