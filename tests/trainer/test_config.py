@@ -12,6 +12,7 @@ def test_presets_load():
     assert t3d.model.image_layers == [3, 4, 6, 3]  # ResNet-50
     sci = load_config(REPO / "configs/phantom.yaml")  # the science preset's schedule (docs/design.md)
     assert (sci.train.schedule, sci.train.decay_fraction, sci.train.steps) == ("wsd", 0.2, 1500)
+    assert (sci.tma.w_local, sci.tma.w_consistency, sci.tma.w_sentence) == (0.25, 0.125, 1.0)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
