@@ -10,7 +10,7 @@ def test_presets_load():
     assert dbg.model.flavour == "debug" and t3d.model.flavour == "t3d"
     assert t3d.data.spacing == [1.0, 1.0, 4.0] and t3d.data.size == [256, 256, 128]
     assert t3d.model.image_layers == [3, 4, 6, 3]  # ResNet-50
-    sci = load_config(REPO / "configs/phantom.yaml")  # the science preset's schedule (docs/design.md)
+    sci = load_config(REPO / "configs/phantom.yaml")  # the science preset's measured schedule and TMA weights (docs/design.md)
     assert (sci.train.schedule, sci.train.decay_fraction, sci.train.steps) == ("wsd", 0.2, 1500)
     assert (sci.tma.w_local, sci.tma.w_consistency, sci.tma.w_sentence) == (0.25, 0.125, 1.0)
 
