@@ -105,9 +105,12 @@ def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port:
     tmp = ray_temp_dir(sd)
     # Ray's per-node agents default to fixed ports (52365, 10001, ...): a second Ray on the machine
     # (or one still shutting down) makes the raylet fail and jobs never run. Pick free ones.
-    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                   f"--ray-client-server-port={_free_port()}"]
+    # All picked at once: five separate picks can return the same port (CI saw the client server and
+    # the runtime-env agent both given 46177, and `ray start` refused).
+    names = ["dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export",
+             "ray-client-server"]
+    picked = _free_ports(len(names), avoid={ray_port, dashboard_port, mlflow_port})
+    agent_ports = [f"--{n}-port={q}" for n, q in zip(names, picked)]
     cmd = [_bin("ray"), "start", "--head", f"--port={ray_port}", f"--node-ip-address={HOST}", *agent_ports,
            f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
            f"--object-store-memory={object_store_mb * 2**20}", f"--temp-dir={tmp}", "--disable-usage-stats",
@@ -141,15 +144,16 @@ def add_node(sd: Path, num_cpus: int, object_store_mb: int = 512) -> dict:
     env = _env()
     env["MLFLOW_TRACKING_URI"] = st["mlflow_uri"]
     env[MARKER], env["T3D_NODE"] = st["marker"], str(idx)
-    base = _free_port()
+    names = ["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc",
+             "runtime-env-agent", "metrics-export"]
+    picked = _free_ports(len(names))
+    lo = _worker_port_base(int(st["ray_address"].rsplit(":", 1)[1]), idx)
     cmd = [_bin("ray"), "start", f"--address={st['ray_address']}", f"--node-ip-address={HOST}",
            f"--num-cpus={num_cpus}",
            f"--resources={json.dumps({f'node{idx}': 1, **({SLOT: st['worker_slots']} if st.get('worker_slots') else {})})}",
-           f"--object-store-memory={object_store_mb * 2**20}", f"--node-manager-port={_free_port()}",
-           f"--object-manager-port={_free_port()}", f"--min-worker-port={base % 40000 + 20000}",
-           f"--max-worker-port={base % 40000 + 20100}", f"--dashboard-agent-listen-port={_free_port()}",
-           f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-           f"--metrics-export-port={_free_port()}", "--disable-usage-stats"]
+           f"--object-store-memory={object_store_mb * 2**20}",
+           *[f"--{n}-port={q}" for n, q in zip(names, picked)],
+           f"--min-worker-port={lo}", f"--max-worker-port={lo + 99}", "--disable-usage-stats"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"ray start (node {idx}) failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
@@ -184,11 +188,37 @@ def _env_of(p) -> dict:
 
 
 def _free_port() -> int:
+    return _free_ports(1)[0]
+
+
+def _free_ports(n: int, avoid: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """``n`` distinct free ports on HOST, none in ``avoid``. Every socket stays bound until all are
+    picked, so the kernel cannot hand out the same port twice (separate picks can)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    socks: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        while len(ports) < n:
+            if len(socks) > n + 64:
+                raise RuntimeError(f"could not find {n} free ports on {HOST} outside {sorted(avoid)}")
+            s = socket.socket()
+            socks.append(s)
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+            if port not in avoid:
+                ports.append(port)
+        return ports
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _worker_port_base(head_port: int, idx: int) -> int:
+    """First of 100 worker ports for added node ``idx``: in 20000-32699, below Linux's ephemeral
+    range (32768+, where `_free_ports` picks), so they never meet the agents' ports; the nodes of one
+    cluster (one head port) get different blocks."""
+    return 20000 + ((head_port + idx) % 127) * 100
 
 
 def _wait_jobs(st: dict, env: dict, seconds: float) -> None:
