@@ -107,10 +107,8 @@ def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port:
     # (or one still shutting down) makes the raylet fail and jobs never run. Pick free ones.
     # All picked at once: five separate picks can return the same port (CI saw the client server and
     # the runtime-env agent both given 46177, and `ray start` refused).
-    names = ["dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export",
-             "ray-client-server"]
-    picked = _free_ports(len(names), avoid={ray_port, dashboard_port, mlflow_port})
-    agent_ports = [f"--{n}-port={q}" for n, q in zip(names, picked)]
+    agent_ports = _port_flags(["dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
+                               "metrics-export", "ray-client-server"], avoid={ray_port, dashboard_port, mlflow_port})
     cmd = [_bin("ray"), "start", "--head", f"--port={ray_port}", f"--node-ip-address={HOST}", *agent_ports,
            f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
            f"--object-store-memory={object_store_mb * 2**20}", f"--temp-dir={tmp}", "--disable-usage-stats",
@@ -144,15 +142,13 @@ def add_node(sd: Path, num_cpus: int, object_store_mb: int = 512) -> dict:
     env = _env()
     env["MLFLOW_TRACKING_URI"] = st["mlflow_uri"]
     env[MARKER], env["T3D_NODE"] = st["marker"], str(idx)
-    names = ["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc",
-             "runtime-env-agent", "metrics-export"]
-    picked = _free_ports(len(names))
     lo = _worker_port_base(int(st["ray_address"].rsplit(":", 1)[1]), idx)
     cmd = [_bin("ray"), "start", f"--address={st['ray_address']}", f"--node-ip-address={HOST}",
            f"--num-cpus={num_cpus}",
            f"--resources={json.dumps({f'node{idx}': 1, **({SLOT: st['worker_slots']} if st.get('worker_slots') else {})})}",
            f"--object-store-memory={object_store_mb * 2**20}",
-           *[f"--{n}-port={q}" for n, q in zip(names, picked)],
+           *_port_flags(["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc",
+                         "runtime-env-agent", "metrics-export"]),
            f"--min-worker-port={lo}", f"--max-worker-port={lo + 99}", "--disable-usage-stats"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
@@ -212,6 +208,11 @@ def _free_ports(n: int, avoid: set[int] | frozenset[int] = frozenset()) -> list[
     finally:
         for s in socks:
             s.close()
+
+
+def _port_flags(names: list[str], avoid: set[int] | frozenset[int] = frozenset()) -> list[str]:
+    """``--{name}-port=P`` for each of ``names`` (a `ray start`'s flags), the ports picked together."""
+    return [f"--{n}-port={q}" for n, q in zip(names, _free_ports(len(names), avoid))]
 
 
 def _worker_port_base(head_port: int, idx: int) -> int:
