@@ -1,6 +1,8 @@
-"""Local cluster: a Ray head (token auth, everything on 127.0.0.1) and an MLflow tracking server.
+"""Local cluster: a Ray head (token auth, everything on 127.0.0.1) and an MLflow tracking server,
+optionally with an S3-compatible object store (``--storage``: SeaweedFS, ``cluster.objectstore``).
 
     python -m cluster.local up [--num-cpus 8] [--mlflow-port 5000] [--dashboard-port 8265] [--nodes 2] [--worker-slots 1]
+                               [--storage]
     python -m cluster.local add-node [--node-cpus 4]
     python -m cluster.local status
     python -m cluster.local down
@@ -76,21 +78,28 @@ def _wait(url: str, seconds: float, what: str) -> None:
     raise RuntimeError(f"{what} did not answer at {url} within {seconds:.0f} s")
 
 
-def start_mlflow(sd: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``mlflow server`` on loopback: sqlite backend, proxied artifacts, log in ``sd/mlflow.log``.
-    Returns at once; wait for ``/health`` before use. Stop it with ``os.killpg(proc.pid, SIGTERM)``."""
-    (sd / "mlartifacts").mkdir(parents=True, exist_ok=True)
+def start_mlflow(sd: Path, port: int, env: dict[str, str] | None = None, artifacts: str | None = None) -> subprocess.Popen:
+    """``mlflow server`` on loopback: sqlite backend, proxied artifacts (in ``sd/mlartifacts``, or
+    ``artifacts``, e.g. ``s3://t3d/mlartifacts``, with the AWS variables in ``env``), log in
+    ``sd/mlflow.log``. Returns at once; wait for ``/health`` before use. Stop it with
+    ``os.killpg(proc.pid, SIGTERM)``."""
+    if artifacts is None:
+        (sd / "mlartifacts").mkdir(parents=True, exist_ok=True)
     log = open(sd / "mlflow.log", "ab")
     cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{sd / 'mlflow.db'}",
-           "--artifacts-destination", str(sd / "mlartifacts"), "--host", HOST, "--port", str(port), "--workers", "1"]
+           "--artifacts-destination", artifacts or str(sd / "mlartifacts"), "--host", HOST, "--port", str(port),
+           "--workers", "1"]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env or _env())
 
 
 def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port: int,
-       object_store_mb: int, worker_slots: int = 0) -> dict:
+       object_store_mb: int, worker_slots: int = 0, storage: bool = False) -> dict:
     """Head + MLflow. ``worker_slots`` > 0: every node advertises that many ``train_slot``
     resources (``ray.worker_resources={train_slot: 1}`` then places at most that many training
-    workers per node, as GPUs would)."""
+    workers per node, as GPUs would). ``storage``: an S3-compatible store first (SeaweedFS on
+    loopback, bucket ``t3d``); Ray's processes and MLflow get its AWS variables from their
+    environment, MLflow keeps its artifacts in ``s3://t3d/mlartifacts``, and ``sd/s3.env`` holds
+    the variables for users to ``source``."""
     sd.mkdir(parents=True, exist_ok=True)
     st_file = sd / "state.json"
     if st_file.is_file():
@@ -101,6 +110,13 @@ def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port:
     env = _env()
     env["MLFLOW_TRACKING_URI"] = f"http://{HOST}:{mlflow_port}"   # job drivers inherit the head's env
     env[MARKER] = str(sd)
+    store = None
+    if storage:
+        from cluster import objectstore
+
+        store = objectstore.start(sd / "objectstore")
+        env.update(store.env())
+        objectstore.write_env(store, sd / "s3.env")
     subprocess.run([_bin("ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     tmp = ray_temp_dir(sd)
     # Ray's per-node agents default to fixed ports (52365, 10001, ...): a second Ray on the machine
@@ -115,11 +131,15 @@ def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port:
            "--include-dashboard=true", *([f"--resources={json.dumps({SLOT: worker_slots})}"] if worker_slots else [])]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
+        if store is not None:
+            objectstore.stop(store)
         raise RuntimeError(f"ray start failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    proc = start_mlflow(sd, mlflow_port, env)
+    proc = start_mlflow(sd, mlflow_port, env, store.uri("mlartifacts") if store else None)
     st = {"ray_address": f"{HOST}:{ray_port}", "dashboard": f"http://{HOST}:{dashboard_port}",
           "mlflow_uri": f"http://{HOST}:{mlflow_port}", "mlflow_pid": proc.pid, "ray_temp_dir": str(tmp),
           "marker": str(sd), "worker_slots": worker_slots,
+          **({"s3_endpoint": store.endpoint, "s3_bucket": store.bucket, "s3_pid": store.pid,
+              "s3_env": str(sd / "s3.env")} if store else {}),
           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     st_file.write_text(json.dumps(st, indent=1))
     try:
@@ -142,6 +162,7 @@ def add_node(sd: Path, num_cpus: int, object_store_mb: int = 512) -> dict:
     env = _env()
     env["MLFLOW_TRACKING_URI"] = st["mlflow_uri"]
     env[MARKER], env["T3D_NODE"] = st["marker"], str(idx)
+    env.update(storage_env(st))
     lo = _worker_port_base(int(st["ray_address"].rsplit(":", 1)[1]), idx)
     cmd = [_bin("ray"), "start", f"--address={st['ray_address']}", f"--node-ip-address={HOST}",
            f"--num-cpus={num_cpus}",
@@ -300,8 +321,28 @@ def down(sd: Path) -> None:
     _, stuck = psutil.wait_procs(alive, timeout=15)
     if stuck:
         print(f"WARNING: {len(stuck)} Ray processes still there after SIGKILL: {[p.pid for p in stuck]}")
+    store = _store(st)
+    if store is not None:
+        from cluster import objectstore
+
+        objectstore.stop(store)
     st_file.unlink()
-    print(f"stopped MLflow (pid {pid}) and {len(procs)} Ray processes of {st['ray_temp_dir']}")
+    print(f"stopped MLflow (pid {pid}), {len(procs)} Ray processes of {st['ray_temp_dir']}"
+          + (f" and the object store at {st['s3_endpoint']}" if store else ""))
+
+
+def _store(st: dict):
+    if not st.get("s3_endpoint"):
+        return None
+    from cluster import objectstore
+
+    return objectstore.load(Path(st["marker"]) / "objectstore")
+
+
+def storage_env(st: dict) -> dict[str, str]:
+    """The object store's AWS variables when the cluster was started with ``--storage``, else {}."""
+    store = _store(st)
+    return store.env() if store else {}
 
 
 def status(sd: Path) -> int:
@@ -313,15 +354,21 @@ def status(sd: Path) -> int:
     ok_r, ok_m = _ray_alive(st), _http_ok(st["mlflow_uri"] + "/health")
     print(f"ray dashboard {st['dashboard']}: {'up' if ok_r else 'DOWN'}")
     print(f"mlflow        {st['mlflow_uri']}: {'up' if ok_m else 'DOWN'}")
-    return 0 if ok_r and ok_m else 1
+    ok_s = True
+    if st.get("s3_endpoint"):
+        ok_s = _http_ok(st["s3_endpoint"])          # 403 to an anonymous request: up
+        print(f"object store  {st['s3_endpoint']} (bucket {st['s3_bucket']}): {'up' if ok_s else 'DOWN'}")
+    return 0 if ok_r and ok_m and ok_s else 1
 
 
 def print_usage(st: dict) -> None:
+    s3 = (f"Object store:  {st['s3_endpoint']}   bucket s3://{st['s3_bucket']}   (credentials: source {st['s3_env']})\n"
+          if st.get("s3_endpoint") else "")
     print(f"""
 Ray head:      {st['ray_address']}   (token auth: RAY_AUTH_MODE=token, token in ~/.ray/auth_token)
 Ray dashboard: {st['dashboard']}
 MLflow:        {st['mlflow_uri']}
-
+{s3}
 Submit a job:
   export RAY_AUTH_MODE=token MLFLOW_TRACKING_URI={st['mlflow_uri']}
   ray job submit --address {st['dashboard']} --working-dir . -- \\
@@ -341,12 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--object-store-mb", type=int, default=1024)
     p.add_argument("--nodes", type=int, default=1, help="Ray nodes on this machine (the head + nodes-1 more)")
     p.add_argument("--node-cpus", type=int, default=4, help="logical CPUs of each extra node")
+    p.add_argument("--storage", action="store_true", help="also an S3-compatible object store on loopback "
+                   "(SeaweedFS; MLflow artifacts go there; credentials in .cluster/s3.env)")
     p.add_argument("--worker-slots", type=int, default=0, help=f"'{SLOT}' resources per node (0: none); "
                    f"with ray.worker_resources={{{SLOT}: 1}} they bound the training workers per node")
     a = p.parse_args(argv)
     sd = state_dir(a.dir)
     if a.action == "up":
-        st = up(sd, a.num_cpus, a.mlflow_port, a.dashboard_port, a.ray_port, a.object_store_mb, a.worker_slots)
+        st = up(sd, a.num_cpus, a.mlflow_port, a.dashboard_port, a.ray_port, a.object_store_mb, a.worker_slots,
+                a.storage)
         for _ in range(len(st.get("nodes", [])) + 1, a.nodes):
             st = add_node(sd, a.node_cpus)
         print_usage(st)

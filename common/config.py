@@ -222,10 +222,12 @@ def nested(dotted: str, value: Any) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
+    from common import storage
+
+    p = path if storage.is_remote(path) else Path(path)
+    if not storage.isfile(p):
         raise ConfigError(f"config file not found: {p}")
-    loaded = yaml.safe_load(p.read_text()) or {}
+    loaded = yaml.safe_load(storage.read_text(p)) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
     return loaded
@@ -247,7 +249,10 @@ def config_from_dict(data: dict[str, Any]) -> "Config":
 
 
 def save_config(cfg: "Config", path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """To a local path or an object-store URI (``common.storage``)."""
+    from common import storage
+
+    storage.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def add_config_args(parser) -> None:

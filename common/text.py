@@ -52,6 +52,10 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path |
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
+    from common import storage
+
+    if storage.is_remote(path):
+        path = storage.local_dir(path)                  # a copy in the local cache, made once
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {p}")

@@ -31,7 +31,9 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = "data/shards"                 # ingested webdataset shards (with manifest.json)
+    shards: str = "data/shards"                 # ingested webdataset shards (with manifest.json): a folder or a URI (s3://...)
+    cache_dir: str = ""                         # remote shards: keep whole shards here ("" = read byte ranges, no copy)
+    cache_mb: int = 4096                        # the cache's bound; least recently used shards are evicted
     spacing: list[float] = field(default_factory=lambda: [1.0, 1.0, 4.0])  # mm, RAS axes
     size: list[int] = field(default_factory=lambda: [256, 256, 128])       # voxels after pad/crop
     orientation: str = "RAS"
@@ -79,6 +81,7 @@ class DataConfig:
         check_range("data.max_voxels", self.max_voxels, 1)
         check_choice("data.codec", self.codec, ("npz", "zstd", "zstd-shuffle", "blosc2-lz4", "blosc2-zstd"))
         check_range("data.worker_memory_mb", self.worker_memory_mb, 0)
+        check_range("data.cache_mb", self.cache_mb, 1)
         try:
             "".encode(self.text_fallback_encoding)
         except LookupError as e:

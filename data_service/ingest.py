@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from common import storage
 from common.config import add_config_args, load_config
 from data_service import shards as sh
 from data_service.config import DataConfig
@@ -74,16 +75,13 @@ def process_shard(spec: dict[str, Any], data: DataConfig, out_dir: str,
     """Write one shard + sidecar; return the sidecar. Top-level so processes/Ray can run it.
     ``encoded``: the studies' results when they were made elsewhere (isolated, one process each);
     ``encode``: the per-study function (tests replace it to kill a worker)."""
-    out = Path(out_dir)
     results = encoded if encoded is not None else [encode(sd, data) for sd in spec["studies"]]
     samples = [smp for smp, _ in results if smp is not None]
     rejects = [rej for _, rej in results if rej is not None]
-    info = sh.write_shard(out / spec["name"], samples)
+    info = sh.write_shard(storage.join(out_dir, spec["name"]), samples)
     side = {**info, "split": spec["split"], "n_in": len(spec["studies"]),
             "keys": [s["__key__"] for s in samples], "rejects": rejects, "plan": spec["plan_hash"]}
-    tmp = out / (spec["name"] + ".json.tmp")
-    tmp.write_text(json.dumps(side))
-    tmp.replace(out / (spec["name"] + ".json"))
+    storage.write_text(storage.join(out_dir, spec["name"] + ".json"), json.dumps(side))   # atomic, after the tar
     return side
 
 
@@ -154,15 +152,15 @@ def plan_shards(studies: list[Study], shard_size: int) -> list[dict[str, Any]]:
     return specs
 
 
-def _done(spec: dict[str, Any], out: Path) -> dict[str, Any] | None:
-    side_p, tar_p = out / (spec["name"] + ".json"), out / spec["name"]
-    if not (side_p.is_file() and tar_p.is_file()):
+def _done(spec: dict[str, Any], out: str) -> dict[str, Any] | None:
+    side_p, tar_p = storage.join(out, spec["name"] + ".json"), storage.join(out, spec["name"])
+    if not (storage.isfile(side_p) and storage.isfile(tar_p)):
         return None
     try:
-        side = json.loads(side_p.read_text())
+        side = json.loads(storage.read_text(side_p))
     except json.JSONDecodeError:
         return None
-    if side.get("plan") != spec["plan_hash"] or side.get("bytes") != tar_p.stat().st_size:
+    if side.get("plan") != spec["plan_hash"] or side.get("bytes") != storage.size(tar_p):
         return None
     if sh.sha256_file(tar_p) != side.get("sha256"):
         return None
@@ -174,8 +172,8 @@ def run(source: str, input_dir: str, out_dir: str, data: DataConfig, engine: str
     """Ingest ``input_dir`` (layout ``source``) into ``out_dir``; returns the manifest. ``encode``:
     the per-study function of the local engine (tests replace it to kill a worker)."""
     t0 = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.normalize(out_dir)
+    storage.check(out, write=True)          # a bad bucket, key or endpoint fails here, naming the URI
     studies, early = discover(source, input_dir, data.test_fraction_of_valid, data.text_fallback_encoding)
     n_in = len(studies) + len(early)
     keys = Counter(sh.safe_key(s.id) for s in studies)
@@ -196,13 +194,13 @@ def run(source: str, input_dir: str, out_dir: str, data: DataConfig, engine: str
           f"{len(specs)} shards planned, {len(sides)} already done, {len(todo)} to write; "
           f"engine={engine}, workers={n_workers}", flush=True)
     if todo and engine == "ray":
-        sides += _run_ray(todo, data, str(out))
+        sides += _run_ray(todo, data, out)
     elif todo:
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(s["studies"]) for s in todo), unit="vol", disable=not progress,
                    desc="ingest", file=sys.stdout)
-        sides += _run_local(todo, data, str(out), n_workers, bar, encode)
+        sides += _run_local(todo, data, out, n_workers, bar, encode)
         bar.close()
     for side in sides:
         rejects += side["rejects"]
@@ -211,9 +209,7 @@ def run(source: str, input_dir: str, out_dir: str, data: DataConfig, engine: str
     if n_in != written + len(rejects):
         raise RuntimeError(f"ingest counts do not add up: in={n_in} written={written} rejected={len(rejects)}")
     rejects.sort(key=lambda r: str(r["id"]))
-    with open(out / "rejects.jsonl", "w") as f:
-        for r in rejects:
-            f.write(json.dumps(r) + "\n")
+    storage.write_text(storage.join(out, "rejects.jsonl"), "".join(json.dumps(r) + "\n" for r in rejects))
     by_split = Counter()
     for s in sides:
         by_split[s["split"]] += s["n"]
@@ -226,7 +222,7 @@ def run(source: str, input_dir: str, out_dir: str, data: DataConfig, engine: str
         "shards": [{k: s[k] for k in ("path", "split", "n", "sha256", "bytes")} for s in sides],
         "config": dataclasses.asdict(data), "seconds": round(time.time() - t0, 2),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    storage.write_text(storage.join(out, "manifest.json"), json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -268,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_service.ingest", description=__doc__.split("\n")[0])
     p.add_argument("--source", required=True, choices=["ctrate", "inspect", "bimcvr", "folder"])
     p.add_argument("--input", required=True, help="dataset folder in the source's layout")
-    p.add_argument("--out", required=True, help="output folder for shards, manifest, rejects")
+    p.add_argument("--out", required=True, help="output folder or URI (s3://bucket/prefix) for shards, manifest, rejects")
     p.add_argument("--engine", default="local", choices=["local", "ray"])
     p.add_argument("--workers", type=int, default=0, help="processes (local engine); 0 = config/cores")
     p.add_argument("--no-progress", action="store_true")

@@ -156,51 +156,73 @@ def _decode(data: Any, codec: str | None, shape, dtype, key: str, member: str) -
         raise CorruptSample(f"sample {key!r}: member '{member}' is corrupt: {type(e).__name__}: {e}") from e
 
 
+class _Hashing:
+    """A write-only stream that hashes and counts what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def write_shard(path: str | Path, samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write samples atomically (tmp file, then rename); return {path, n, sha256, bytes}."""
+    """Write samples atomically (``common.storage.output``: local or object store); return
+    {path (its name), n, sha256, bytes}."""
     import webdataset as wds
 
-    path = Path(path)
-    tmp = path.with_suffix(".tar.tmp")
-    with wds.TarWriter(str(tmp), mtime=0.0) as w:  # fixed mtime: same input, same bytes
+    from common import storage
+
+    with storage.output(path) as out:
+        hashed = _Hashing(out)
+        w = wds.TarWriter(hashed, mtime=0.0)  # fixed mtime: same input, same bytes
         for s in samples:
             w.write(s)
-    digest = sha256_file(tmp)
-    size = tmp.stat().st_size
-    tmp.replace(path)
-    return {"path": path.name, "n": len(samples), "sha256": digest, "bytes": size}
+        w.close()
+    return {"path": storage.name(path), "n": len(samples), "sha256": hashed.h.hexdigest(), "bytes": hashed.n}
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from common import storage
+
+    return storage.sha256(path)
 
 
 def iter_raw(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard, in file order (webdataset's tar grouping)."""
-    import webdataset as wds
+    """Raw samples of one shard, in file order (webdataset's tar grouping), streamed from local
+    disk or an object store (``common.storage``)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+    from common import storage
+
+    fs, p = storage.filesystem(path)
     # one shard, read whole by this process: no node or worker splitting (it would refuse to run
     # inside an initialized torch.distributed group, as in a training worker)
-    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
-    for s in ds:
-        yield {k: v for k, v in s.items() if k != "__url__"}
+    with fs.open_input_stream(p) as f:
+        for s in group_by_keys({**m, "__url__": str(path)} for m in tar_file_iterator(f)):
+            yield {k: v for k, v in s.items() if k != "__url__"}
 
 
 def load_manifest(shards_dir: str | Path) -> dict[str, Any]:
-    p = Path(shards_dir) / "manifest.json"
-    if not p.is_file():
+    from common import storage
+
+    p = storage.join(shards_dir, "manifest.json")
+    if not storage.isfile(p):
         raise FileNotFoundError(f"{p}: no manifest.json; run `python -m data_service.ingest` first")
-    return json.loads(p.read_text())
+    return json.loads(storage.read_text(p))
 
 
-def split_shards(shards_dir: str | Path, split: str) -> list[Path]:
-    """Shard paths of one split, from the manifest; clear error if the split is absent."""
+def split_shards(shards_dir: str | Path, split: str) -> list[str]:
+    """Shard paths (local paths or URIs) of one split, from the manifest; clear error if the split is absent."""
+    from common import storage
+
     man = load_manifest(shards_dir)
-    paths = [Path(shards_dir) / s["path"] for s in man["shards"] if s["split"] == split and s["n"] > 0]
+    paths = [storage.join(shards_dir, s["path"]) for s in man["shards"] if s["split"] == split and s["n"] > 0]
     if not paths:
         have = sorted({s["split"] for s in man["shards"] if s["n"] > 0})
         raise ValueError(f"{shards_dir}: split {split!r} has no samples (splits present: {have})")

@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from common import storage
 from common.text import encode_reports
 from data_service.config import DataConfig
 from data_service.shards import CorruptSample, decode_sample, split_shards
@@ -44,10 +45,11 @@ from data_service.views import N_PARAMS, MultiViewCrop, prepare_sample, seed_for
 
 
 def build_index(shards_dir: str | Path, split: str = "train") -> dict[str, dict[str, Any]]:
-    """key -> {shard, members: {name: [offset, size]}} from the tar headers (no data read)."""
+    """key -> {shard, members: {name: [offset, size]}} from the tar headers (no data read; on an
+    object store, ranged reads of the headers)."""
     index: dict[str, dict[str, Any]] = {}
     for path in split_shards(shards_dir, split):
-        with tarfile.open(path) as tf:
+        with storage.open_input(path) as f, tarfile.open(fileobj=f) as tf:
             for m in tf.getmembers():
                 key, _, member = m.name.partition(".")
                 entry = index.setdefault(key, {"shard": str(path), "members": {}})
@@ -124,13 +126,17 @@ class DecodeCrop:
         self.data, self.seed, self.text_unit = data, seed, text_unit
         self.tok = load_tokenizer(tokenizer_dir)
         self.crop = MultiViewCrop(data.views)
+        self.cache = storage.FileCache(data.cache_dir, data.cache_mb) if data.cache_dir else None
 
     def _read(self, shard: str, members: dict[str, list[int]], key: str) -> dict[str, Any]:
+        """The sample's members by byte range: from the shard itself (a local file, or ranged GETs on
+        an object store: nothing copied), or from its copy in ``data.cache_dir``."""
         raw: dict[str, Any] = {"__key__": key}
-        with open(shard, "rb") as f:
+        if self.cache is not None and storage.is_remote(shard):
+            shard = str(self.cache.get(shard))
+        with storage.open_input(shard) as f:
             for name, (off, size) in members.items():
-                f.seek(off)
-                raw[name] = f.read(size)
+                raw[name] = f.read_at(size, off)
                 if len(raw[name]) != size:
                     raise CorruptSample(f"sample {key!r}: member '{name}' truncated in {shard}")
         return raw

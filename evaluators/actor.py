@@ -17,16 +17,21 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from common import storage
+
 
 class Ledger:
+    """``eval_ledger.jsonl`` in the run folder (a local file or an object: ``common.storage``; one
+    evaluator writes it)."""
+
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = str(path)
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
+        if not storage.isfile(self.path):
             return []
         out = []
-        for line in self.path.read_text().splitlines():
+        for line in storage.read_text(self.path).splitlines():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:        # a torn last line from a crash: that work is redone
@@ -46,10 +51,7 @@ class Ledger:
         return [r for r in self.results() if r.get("logged") is False and (r["checkpoint"], r["task"]) not in sent]
 
     def _append(self, rec: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({**rec, "time": time.time()}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        storage.append_text(self.path, json.dumps({**rec, "time": time.time()}) + "\n")
 
     def record(self, checkpoint: str, task: str, step: int, metrics: dict[str, float],
                error: str | None = None, mlflow_run_id: str | None = None, logged: bool | None = None) -> None:
@@ -60,11 +62,23 @@ class Ledger:
         self._append({"checkpoint": checkpoint, "task": task, "event": "logged"})
 
 
-def ready_checkpoints(run_dir: str | Path, every_n: int = 1) -> list[Path]:
-    """step_* folders whose export is complete (export.json is written after the weights)."""
-    ck = sorted(p for p in Path(run_dir).glob("step_*") if (p / "export" / "export.json").is_file()
-                and (p / "export" / "model.safetensors").is_file())
+def ready_checkpoints(run_dir: str | Path, every_n: int = 1) -> list[str]:
+    """step_* folders (paths or URIs) whose export is complete (export.json is written after the weights)."""
+    ck = [p for p in storage.glob(run_dir, "step_*") if storage.isfile(storage.join(p, "export", "export.json"))
+          and storage.isfile(storage.join(p, "export", "model.safetensors"))]
     return ck[every_n - 1::every_n] if every_n > 1 else ck
+
+
+def eval_dir(run_dir: str | Path, checkpoint: str) -> Path:
+    """The local folder of a checkpoint's evaluation artifacts: ``step_X/eval/`` itself for a local
+    run, a folder in the cache (uploaded to ``step_X/eval/`` after each task) for a remote one."""
+    return Path(storage.join(storage.local_state_dir(run_dir), checkpoint, "eval"))
+
+
+def publish_dir(local: Path, dest: str) -> None:
+    """Copy a local artifact folder to its place in a remote run folder (nothing to do when local)."""
+    if storage.is_remote(dest):
+        storage.upload_dir(local, dest)
 
 
 def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None,
@@ -83,18 +97,18 @@ def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: st
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-    ledger = Ledger(Path(run_dir) / "eval_ledger.jsonl")
+    ledger = Ledger(storage.join(run_dir, "eval_ledger.jsonl"))
     done, new, run_id = ledger.done(), [], None
     if mlflow_uri:
         run_id = send_unlogged(run_dir, ledger, mlflow_uri)
 
-    def failed(ck: Path, task: str, e: Exception) -> None:
-        ledger.record(ck.name, task, -1, {}, error=f"{type(e).__name__}: {e}"[:500])
-        new.append({"checkpoint": ck.name, "task": task, "step": None, "error": str(e)[:200]})
+    def failed(ck: str, task: str, e: Exception) -> None:
+        ledger.record(storage.name(ck), task, -1, {}, error=f"{type(e).__name__}: {e}"[:500])
+        new.append({"checkpoint": storage.name(ck), "task": task, "step": None, "error": str(e)[:200]})
 
     for ck in ready_checkpoints(run_dir, every_n):
-        sc = None                              # loaded once, for this checkpoint's first pending task
-        for task in [t for t in tasks if (ck.name, t) not in done]:
+        sc, name = None, storage.name(ck)      # loaded once, for this checkpoint's first pending task
+        for task in [t for t in tasks if (name, t) not in done]:
             if before_task is not None:
                 before_task(ck, task)
             try:
@@ -103,11 +117,12 @@ def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: st
             except (ValueError, FileNotFoundError) as e:
                 # a split/label/mask missing, or the checkpoint rotated away (train.keep_checkpoints):
                 # recorded with its reason, not retried forever
-                if isinstance(e, FileNotFoundError) and ck.exists():
+                if isinstance(e, FileNotFoundError) and storage.exists(ck):
                     raise
                 failed(ck, task, e)
                 continue
-            art = write_artifacts(r, ck / "eval")
+            art = write_artifacts(r, eval_dir(run_dir, name))
+            publish_dir(art, storage.join(ck, "eval"))
             logged = None
             if mlflow_uri and r["mlflow_run_id"]:
                 try:
@@ -115,9 +130,9 @@ def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: st
                     logged, run_id = True, r["mlflow_run_id"]
                 except Exception as e:  # noqa: BLE001 - MLflow down: the ledger keeps it; sent when it is back
                     logged = False
-                    print(f"[eval] MLflow unreachable ({type(e).__name__}); {ck.name} {task} kept for later", flush=True)
-            ledger.record(ck.name, task, int(r["step"]), r["metrics"], mlflow_run_id=r["mlflow_run_id"], logged=logged)
-            new.append({"checkpoint": ck.name, "task": task, "step": r["step"]})
+                    print(f"[eval] MLflow unreachable ({type(e).__name__}); {name} {task} kept for later", flush=True)
+            ledger.record(name, task, int(r["step"]), r["metrics"], mlflow_run_id=r["mlflow_run_id"], logged=logged)
+            new.append({"checkpoint": name, "task": task, "step": r["step"]})
     if (new or run_id) and mlflow_uri and run_id:
         publish_run_summary(run_dir, ledger, mlflow_uri, run_id, best_metric, registry_name)
     return new
@@ -130,7 +145,7 @@ def send_unlogged(run_dir: str, ledger: Ledger, uri: str) -> str | None:
 
     run_id = None
     for rec in ledger.unlogged():
-        art = Path(run_dir) / rec["checkpoint"] / "eval"
+        art = eval_dir(run_dir, rec["checkpoint"])
         try:
             log_result(uri, {"mlflow_run_id": rec["mlflow_run_id"], "step": rec["step"], "metrics": rec["metrics"]},
                        art if art.is_dir() else None)
@@ -152,7 +167,9 @@ def publish_run_summary(run_dir: str, ledger: Ledger, uri: str, run_id: str, bes
 
     try:
         records = ledger.results()
-        png = plot_over_checkpoints(records, Path(run_dir) / "metrics_over_checkpoints.png")
+        png = plot_over_checkpoints(records, storage.local_state_dir(run_dir) / "metrics_over_checkpoints.png")
+        if png is not None and storage.is_remote(run_dir):
+            storage.write_bytes(storage.join(run_dir, png.name), png.read_bytes())
         if png is not None:
             MlflowClient(uri).log_artifact(run_id, str(png), "eval")
         if best_metric and registry_name:
@@ -266,7 +283,7 @@ def main(argv=None) -> int:
         raise SystemExit(str(e)) from e
     scored = watch(a.run_dir, a.data, tasks, a.mlflow_uri, a.cpus, a.every_n, a.follow,
                    best_metric=a.best_metric, registry_name=a.registry_name, gpus=a.gpus)
-    print(f"[eval] {len(scored)} new (checkpoint, task) results; ledger {Path(a.run_dir) / 'eval_ledger.jsonl'}")
+    print(f"[eval] {len(scored)} new (checkpoint, task) results; ledger {storage.join(a.run_dir, 'eval_ledger.jsonl')}")
     return 0
 
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import storage
+
 # what the over-checkpoints plot shows (the per-label curves are in MLflow itself)
 SUMMARY = ("zeroshot/mean_auc", "zeroshot/mean_f1", "retrieval/i2t_R@5", "retrieval/t2i_R@5", "probe/mean_auc",
            "reportgen/bleu4", "reportgen/meteor", "reportgen/rouge_l", "segmentation/mean_dice",
@@ -154,9 +156,10 @@ def register_best(uri: str, run_id: str, run_dir: str | Path, records: list[dict
     if best is None:
         return None
     ck, step, value = best
-    export = Path(run_dir) / ck / "export"
-    if not export.is_dir():
+    export = storage.join(run_dir, ck, "export")
+    if not storage.isdir(export):
         return None                           # rotated away before it could be uploaded
+    export = storage.local_dir(export)        # MLflow uploads from a local folder
     version = register_checkpoint(uri, run_id, export, name, {"step": str(step), "metric": metric,
                                                                "value": f"{value:.6g}", "checkpoint": ck},
                                   f"checkpoints/{ck}")

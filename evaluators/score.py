@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from common import storage
 from evaluators.config import TASKS
 from evaluators.scoring import parse_tasks, score_checkpoint
 
@@ -44,22 +44,24 @@ def main(argv: list[str] | None = None) -> int:
         tasks = parse_tasks(a.tasks)
     except ValueError as e:
         raise SystemExit(str(e)) from e
-    ckpts = [Path(a.checkpoint)] if a.checkpoint else sorted(Path(a.run_dir).glob("step_*"))
+    ckpts = [storage.normalize(a.checkpoint)] if a.checkpoint else storage.glob(a.run_dir, "step_*")
     if not ckpts:
         raise SystemExit(f"{a.run_dir}: no step_* checkpoints")
+    from evaluators.actor import eval_dir, publish_dir
     from evaluators.artifacts import log_result, write_artifacts
 
     results = []
     for c in ckpts:
         r = score_checkpoint(c, a.data, tasks, a.bootstrap, a.overrides)
-        art = write_artifacts(r, Path(c) / "eval")
+        art = write_artifacts(r, eval_dir(storage.parent(c), storage.name(c)))     # step_X/eval/ (a URI: uploaded)
+        publish_dir(art, storage.join(c, "eval"))
         if a.mlflow_uri and r["mlflow_run_id"]:
             log_result(a.mlflow_uri, r, art)
         results.append({k: v for k, v in r.items() if k != "extras"} | {"artifacts": str(art)})
         print(f"step {r['step']}: {_summary(r['metrics'])}", flush=True)
     _print_table(results)
-    out = Path(a.out) if a.out else ckpts[-1].parent / "scores.json"
-    out.write_text(json.dumps(results, indent=1))
+    out = a.out or storage.join(storage.parent(ckpts[-1]), "scores.json")
+    storage.write_text(out, json.dumps(results, indent=1))
     print(f"scores -> {out}")
     return 0
 

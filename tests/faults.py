@@ -21,10 +21,12 @@ class KillWorkerAt(LoopCallback):
     def on_step(self, run) -> None:
         if run.state["step"] != self.step or run.rank != run.world - 1:
             return
-        marker = Path(run.args.run_dir) / f"failed_at_{self.step}"
-        if marker.exists():
+        from common import storage
+
+        marker = storage.join(run.args.run_dir, f"failed_at_{self.step}")    # the run folder may be a URI
+        if storage.exists(marker):
             return
-        marker.write_text("injected failure")
+        storage.write_text(marker, "injected failure")
         time.sleep(5)
         print(f"[test] rank {run.rank}: injected failure at step {self.step}", flush=True)
         os._exit(1)
@@ -44,7 +46,9 @@ class RecordResume(LoopCallback):
             return
         from safetensors.torch import save_file
 
-        d = Path(run.args.run_dir)
+        from common import storage
+
+        d = storage.local_state_dir(run.args.run_dir)
         save_file({k: v.contiguous() for k, v in state.items()}, str(d / "resumed_weights.safetensors"))
         (d / "resumed.json").write_text(json.dumps({
             "global_steps": run.engine.global_steps, "world": run.world, "step": run.state["step"],
@@ -54,9 +58,11 @@ class RecordResume(LoopCallback):
 
 def crash_once(ck: Path, task: str) -> None:
     """The evaluator actor's process dies before its first task of the run (once)."""
-    marker = Path(ck).parent / "eval_crashed_once"
-    if not marker.exists():
-        marker.write_text("crashed once")
+    from common import storage
+
+    marker = storage.join(storage.parent(str(ck)), "eval_crashed_once")
+    if not storage.exists(marker):
+        storage.write_text(marker, "crashed once")
         os._exit(1)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import storage
 from common.config import save_config
 
 TAG = "ds"
@@ -209,21 +210,11 @@ def save(engine, ckpt_dir: str | Path, rank: int, state: dict[str, Any]) -> None
         (ckpt_dir / "state.json").write_text(json.dumps(state, indent=1))
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_checksums(ckpt_dir: str | Path, rank: int) -> None:
     """Size and sha256 of every file this rank wrote into its checkpoint folder (each rank has its
     own folder until Ray merges them), in ``checksums_rank{rank}.json``, written last."""
     d = Path(ckpt_dir)
-    files = {str(p.relative_to(d)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(d)): {"bytes": p.stat().st_size, "sha256": storage.sha256(p)}
              for p in sorted(d.rglob("*")) if p.is_file() and not p.name.startswith("checksums_rank")}
     tmp = d / f".checksums_rank{rank}.tmp"
     tmp.write_text(json.dumps(files, indent=0))
@@ -231,31 +222,32 @@ def write_checksums(ckpt_dir: str | Path, rank: int) -> None:
 
 
 def verify_checkpoint(ckpt_dir: str | Path) -> str | None:
-    """None when every rank's files are there with their recorded size and sha256; else the reason."""
-    d = Path(ckpt_dir)
-    state = d / "state.json"
-    if not state.is_file():
-        return f"{d.name}: no state.json"
+    """None when every rank's files are there with their recorded size and sha256; else the reason.
+    ``ckpt_dir``: a local folder or a URI (read in place)."""
+    d = str(ckpt_dir)
+    name, state = storage.name(d), storage.join(d, "state.json")
+    if not storage.isfile(state):
+        return f"{name}: no state.json"
     try:
-        world = json.loads(state.read_text()).get("world")
+        world = json.loads(storage.read_text(state)).get("world")
     except json.JSONDecodeError as e:
-        return f"{d.name}: state.json is not JSON ({e})"
-    sums = sorted(d.glob("checksums_rank*.json"))
+        return f"{name}: state.json is not JSON ({e})"
+    sums = storage.glob(d, "checksums_rank*.json")
     if not sums or (world is not None and len(sums) != world):
-        return f"{d.name}: checksums of {len(sums)} rank(s), expected {world}"
+        return f"{name}: checksums of {len(sums)} rank(s), expected {world}"
     for f in sums:
         try:
-            listed = json.loads(f.read_text())
+            listed = json.loads(storage.read_text(f))
         except json.JSONDecodeError as e:
-            return f"{d.name}/{f.name} is not JSON ({e})"
+            return f"{name}/{storage.name(f)} is not JSON ({e})"
         for rel, want in listed.items():
-            p = d / rel
-            if not p.is_file():
-                return f"{d.name}/{rel} is missing"
-            if p.stat().st_size != want["bytes"]:
-                return f"{d.name}/{rel} has {p.stat().st_size} bytes, {want['bytes']} were written"
-            if _sha256(p) != want["sha256"]:
-                return f"{d.name}/{rel}: sha256 differs from the one written"
+            p = storage.join(d, rel)
+            if not storage.isfile(p):
+                return f"{name}/{rel} is missing"
+            if storage.size(p) != want["bytes"]:
+                return f"{name}/{rel} has {storage.size(p)} bytes, {want['bytes']} were written"
+            if storage.sha256(p) != want["sha256"]:
+                return f"{name}/{rel}: sha256 differs from the one written"
     return None
 
 
@@ -319,10 +311,10 @@ def export(engine, out_dir: str | Path, cfg: Config, rank: int, extra: dict[str,
     save_config(cfg, out_dir / "config.yaml")
     (out_dir / "export.json").write_text(json.dumps(extra, indent=1))
     tok = extra.get("tokenizer_dir")
-    if tok and Path(tok).is_dir():
+    if tok and storage.isdir(tok):
         import shutil
 
-        shutil.copytree(tok, out_dir / "tokenizer", dirs_exist_ok=True)
+        shutil.copytree(storage.local_dir(tok), out_dir / "tokenizer", dirs_exist_ok=True)
 
 
 def load_export(path: str | Path):
@@ -333,6 +325,12 @@ def load_export(path: str | Path):
     from common.text import load_tokenizer
     from trainer.model import build_model
 
+    if storage.is_remote(path):                     # a copy in the local cache, made once per URI
+        path = storage.normalize(path)
+        path = storage.join(path, "export") if storage.isfile(storage.join(path, "export", EXPORT)) else path
+        if not storage.isfile(storage.join(path, EXPORT)):
+            raise FileNotFoundError(f"{path}: no {EXPORT} (expected a checkpoint folder with export/)")
+        path = storage.local_dir(path)
     p = Path(path)
     if (p / "export" / EXPORT).is_file():
         p = p / "export"

@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from common import storage
 from data_service.shards import iter_split
 from data_service.stream import Plan, build_index, rank_stream
 from trainer import engine as eng
@@ -96,7 +97,7 @@ def setup(args: LoopArgs, rank: int, world: int, universal: bool = False) -> Run
     torch.manual_seed(cfg.train.seed)                      # identical init on every rank
     engine = eng.init_engine(build_model(cfg, len(tokenizer)), cfg, universal)
     torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # then per rank: dropout differs across ranks
-    tracker = (Tracker(args.mlflow_uri, args.mlflow_run_id, Path(args.run_dir) / SPOOL) if rank == 0
+    tracker = (Tracker(args.mlflow_uri, args.mlflow_run_id, storage.local_state_dir(args.run_dir) / SPOOL) if rank == 0
                else Tracker(None, None))
     state = {"step": 0, "micro": 0, "position": 0, "samples": 0, "corrupt": 0, "dropped": 0, "world": world}
     run = Run(args, rank, world, engine, T3DLoss(cfg.tma), tracker,
@@ -123,22 +124,27 @@ def health_batch(cfg: Config, tokenizer, device) -> Batch:
                  params.to(device), enc["input_ids"].to(device), enc["attention_mask"].to(device))
 
 
-def pick_checkpoint(given: Path | None, given_path: str | None, run_dir: str, rank: int) -> Path | None:
+def pick_checkpoint(given: Path | None, given_path: str | None, run_dir: str, rank: int,
+                    staging: str | None = None) -> Path | None:
     """The checkpoint to resume from: the one Ray Train hands this attempt (``given``, a local
     folder), or, when its files do not match the checksums written with it (truncated,
-    half-written), the newest earlier one in ``run_dir`` that does. Every rank makes the same
-    choice: they read the same storage."""
+    half-written), the newest earlier one in ``run_dir`` that does (copied into ``staging`` when
+    ``run_dir`` is on an object store). Every rank makes the same choice: they read the same storage."""
     if given is None:
         return None
     bad = eng.verify_checkpoint(given)
     if bad is None:
         return Path(given)
-    older = [p for p in sorted(Path(run_dir).glob("step_*"), reverse=True)
-             if p.name < Path(given_path or given).name and eng.verify_checkpoint(p) is None]
+    older = next((p for p in reversed(storage.glob(run_dir, "step_*"))
+                  if storage.name(p) < storage.name(given_path or str(given)) and eng.verify_checkpoint(p) is None), None)
     if rank == 0:
         print(f"[t3d] checkpoint {given_path} is damaged ({bad}); "
-              + (f"resuming from {older[0]}" if older else "no earlier good checkpoint: starting over"), flush=True)
-    return older[0] if older else None
+              + (f"resuming from {older}" if older else "no earlier good checkpoint: starting over"), flush=True)
+    if older is None:
+        return None
+    if storage.is_remote(older):
+        return storage.download_dir(older, Path(staging or storage.scratch_dir()) / storage.name(older))
+    return Path(older)
 
 
 def saved_world(source: Path | None) -> int | None:
@@ -191,7 +197,7 @@ def batches(run: Run) -> Iterator[tuple[int, Batch | None]]:
         state["corrupt"] += int((~ok).sum())
         state["dropped"] += int(ok.sum()) - n_ok
         if run.args.log_samples and n_ok:
-            with open(Path(run.args.run_dir) / f"samples_rank{run.rank}.jsonl", "a") as f:
+            with open(storage.local_state_dir(run.args.run_dir) / f"samples_rank{run.rank}.jsonl", "a") as f:
                 f.write(json.dumps({"micro": micro, "keys": [str(k) for k in b["key"][keep]]}) + "\n")
         yield micro, (Batch.from_numpy(b, run.engine.device, views, keep) if n_ok else None)
 
@@ -229,7 +235,7 @@ def checkpoint(run: Run) -> None:
     from ray.train import Checkpoint
 
     step, args = run.state["step"], run.args
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory(dir=storage.scratch_dir()) as d:     # staged in the cache, then uploaded by Ray
         full = {**run.state, "mlflow_run_id": args.mlflow_run_id, "time": time.time(), "loss": run.logs.get("loss")}
         eng.save(run.engine, d, run.rank, full)
         eng.export(run.engine, Path(d) / "export", run.cfg, run.rank,
@@ -265,8 +271,9 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     given = ray.train.get_checkpoint()
-    with (given.as_directory() if given is not None else contextlib.nullcontext(None)) as d:
-        source = pick_checkpoint(Path(d) if d else None, given.path if given else None, args.run_dir, rank)
+    with (given.as_directory() if given is not None else contextlib.nullcontext(None)) as d, \
+            tempfile.TemporaryDirectory(dir=storage.scratch_dir()) as staging:
+        source = pick_checkpoint(Path(d) if d else None, given.path if given else None, args.run_dir, rank, staging)
         run = setup(args, rank, world, universal=saved_world(source) not in (None, world))
         resume(run, source)
     if source is not None:

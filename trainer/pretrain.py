@@ -8,6 +8,9 @@ Connects to the cluster in RAY_ADDRESS (set by `ray job submit`) or ``ray.addres
 starts a local Ray. Run folder: ``{train.output_dir}/{train.run_name}`` holds the resolved
 config, the tokenizer, Ray Train's checkpoints (``step_XXXXXXX/`` with ``export/``) and the
 MLflow run id, so re-running the same command resumes the same run and MLflow run.
+``data.shards`` and ``train.output_dir`` may be object-store URIs (``s3://bucket/prefix``,
+``common.storage``): both are checked before anything trains, and a URI that cannot be used
+stops the run with its reason.
 """
 from __future__ import annotations
 
@@ -23,38 +26,59 @@ import sys
 import time
 from pathlib import Path
 
+from common import storage
 from common.config import add_config_args, load_config, load_object, save_config
+from common.storage import StorageError
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 def resolve_paths(cfg: Config) -> Config:
-    cfg.data.shards = str(Path(cfg.data.shards).expanduser().resolve())
-    cfg.train.output_dir = str(Path(cfg.train.output_dir).expanduser().resolve())
+    """Absolute local paths (every worker must see the same ones) and URIs as given."""
+    cfg.data.shards = storage.normalize(cfg.data.shards)
+    cfg.train.output_dir = storage.normalize(cfg.train.output_dir)
     if cfg.model.text_encoder:
-        cfg.model.text_encoder = str(Path(cfg.model.text_encoder).expanduser().resolve())
+        cfg.model.text_encoder = storage.normalize(cfg.model.text_encoder)
     return cfg
 
 
-def prepare_tokenizer(cfg: Config, run_dir: Path) -> str:
-    """The run's tokenizer: the text encoder's own, or WordPiece trained on the train reports."""
-    out = run_dir / "tokenizer"
-    if (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file():
-        return str(out)
-    if cfg.model.text_encoder:
-        from common.text import load_tokenizer
+def preflight(cfg: Config) -> None:
+    """Before anything trains: the shards can be read (their manifest is there) and the output can
+    be written. A missing bucket, a refused key or an unreachable endpoint raises StorageError
+    naming the URI."""
+    from data_service.shards import load_manifest
 
-        load_tokenizer(cfg.model.text_encoder).save_pretrained(str(out))
-    else:
-        from common.text import build_tokenizer
-        from data_service.shards import iter_split
-
-        reports = [s["report"] for s in iter_split(cfg.data.shards, "train", decode_ct=False)]
-        build_tokenizer(reports, cfg.model.vocab_size, out)
-    return str(out)
+    storage.check(cfg.data.shards)
+    load_manifest(cfg.data.shards)
+    storage.check(cfg.train.output_dir, write=True)
 
 
-def mlflow_run(cfg: Config, run_dir: Path, waits: tuple[float, ...] = (10.0, 30.0, 60.0)) -> tuple[str | None, str | None]:
+def prepare_tokenizer(cfg: Config, run_dir: str | Path) -> str:
+    """The run's tokenizer (``{run}/tokenizer``, a folder or URI): the text encoder's own, or
+    WordPiece trained on the train reports."""
+    out = storage.join(run_dir, "tokenizer")
+    if storage.isfile(storage.join(out, "tokenizer.json")) or storage.isfile(storage.join(out, "vocab.txt")):
+        return out
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=storage.scratch_dir()) as tmp:
+        local = out if not storage.is_remote(out) else str(Path(tmp) / "tokenizer")
+        if cfg.model.text_encoder:
+            from common.text import load_tokenizer
+
+            load_tokenizer(cfg.model.text_encoder).save_pretrained(local)
+        else:
+            from common.text import build_tokenizer
+            from data_service.shards import iter_split
+
+            reports = [s["report"] for s in iter_split(cfg.data.shards, "train", decode_ct=False)]
+            build_tokenizer(reports, cfg.model.vocab_size, Path(local))
+        if local != out:
+            storage.upload_dir(local, out)
+    return out
+
+
+def mlflow_run(cfg: Config, run_dir: str, waits: tuple[float, ...] = (10.0, 30.0, 60.0)) -> tuple[str | None, str | None]:
     """(tracking uri, run id); the id is kept in the run folder so resumes log to the same run.
     An MLflow server that does not answer is retried after each of ``waits`` seconds; then the run
     trains untracked (a warning says so) rather than not at all."""
@@ -75,13 +99,13 @@ def mlflow_run(cfg: Config, run_dir: Path, waits: tuple[float, ...] = (10.0, 30.
     return None, None
 
 
-def _mlflow_run(cfg: Config, run_dir: Path, uri: str) -> tuple[str, str]:
+def _mlflow_run(cfg: Config, run_dir: str, uri: str) -> tuple[str, str]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    id_file = run_dir / "mlflow_run_id"
-    if id_file.is_file():
-        return uri, id_file.read_text().strip()
+    id_file = storage.join(run_dir, "mlflow_run_id")
+    if storage.isfile(id_file):
+        return uri, storage.read_text(id_file).strip()
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
     tags = {"run_dir": str(run_dir)}
@@ -93,7 +117,7 @@ def _mlflow_run(cfg: Config, run_dir: Path, uri: str) -> tuple[str, str]:
         from mlflow.entities import Param
 
         client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in list(flat.items())[i:i + 100]])
-    id_file.write_text(run.info.run_id)
+    storage.write_text(id_file, run.info.run_id)
     return uri, run.info.run_id
 
 
@@ -130,20 +154,22 @@ def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, r
     """Train ``cfg`` on the Ray cluster. ``callbacks``: ``trainer.loop.LoopCallback`` objects every
     worker runs (tests inject faults this way); ``run_callbacks``: Ray Train driver-side callbacks
     (the sweep's reporting to Tune); ``validator``: scores each checkpoint (``sweep.scorer``).
-    Returns (result, run folder, MLflow uri, run id)."""
+    Returns (result, run folder: a Path, or the URI when on an object store, MLflow uri, run id)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer.loop import LoopArgs, train_loop
 
     cfg = resolve_paths(cfg)
-    run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    preflight(cfg)
+    run_dir = storage.join(cfg.train.output_dir, cfg.train.run_name)
+    storage.makedirs(run_dir)
+    save_config(cfg, storage.join(run_dir, "config.yaml"))
     tok_dir = prepare_tokenizer(cfg, run_dir)
     uri, run_id = mlflow_run(cfg, run_dir)
     init_ray(cfg)
-    args = LoopArgs(cfg, tok_dir, str(run_dir), uri, run_id, log_samples, list(callbacks or []), validator)
+    args = LoopArgs(cfg, tok_dir, run_dir, uri, run_id, log_samples, list(callbacks or []), validator)
+    storage_path, storage_fs = storage.ray_storage(cfg.train.output_dir)
     trainer = TorchTrainer(
         train_loop, train_loop_config={"args": args},
         scaling_config=ScalingConfig(num_workers=((cfg.ray.min_workers, cfg.ray.num_workers) if cfg.ray.min_workers
@@ -151,13 +177,13 @@ def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, r
                                      use_gpu=cfg.ray.use_gpu, placement_strategy=cfg.ray.placement_strategy,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **cfg.ray.worker_resources}),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.train.run_name, storage_path=cfg.train.output_dir,
+        run_config=RunConfig(name=cfg.train.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              callbacks=list(run_callbacks or []),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
     evaluator = None
     if cfg.eval.enabled:       # the evaluator named by the config (default evaluators.actor:EvalThread)
-        evaluator = load_object(cfg.eval.watcher, "eval.watcher")(str(run_dir), cfg, uri).start()
+        evaluator = load_object(cfg.eval.watcher, "eval.watcher")(run_dir, cfg, uri).start()
     result = trainer.fit()
     if evaluator is not None:
         evaluator.finish()
@@ -166,13 +192,13 @@ def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, r
 
         from trainer.tracking import SPOOL, send_spool
 
-        send_spool(uri, run_id, run_dir / SPOOL)          # what rank 0 could not send before it stopped
+        send_spool(uri, run_id, storage.local_state_dir(run_dir) / SPOOL)   # what rank 0 could not send
         try:
             MlflowClient(uri).set_terminated(run_id, "FINISHED" if result.error is None else "FAILED")
         except Exception as e:  # noqa: BLE001 - the run trained and saved; MLflow being away must not fail it
             print(f"[t3d] WARNING: could not mark MLflow run {run_id} finished ({type(e).__name__}: "
                   f"{str(e)[:200]})", flush=True)
-    return result, run_dir, uri, run_id
+    return result, (run_dir if storage.is_remote(run_dir) else Path(run_dir)), uri, run_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,12 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-samples", action="store_true", help="write the keys each rank trained on")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
-    result, run_dir, uri, run_id = fit(cfg, a.log_samples)
-    ckpts = sorted(p.name for p in run_dir.glob("step_*") if (p / "export").is_dir())
+    try:
+        result, run_dir, uri, run_id = fit(cfg, a.log_samples)
+    except StorageError as e:
+        raise SystemExit(f"[t3d] cannot use storage: {e}") from e
+    ckpts = [storage.name(p) for p in storage.glob(run_dir, "step_*") if storage.isdir(storage.join(p, "export"))]
     summary = {"run_dir": str(run_dir), "checkpoints": ckpts, "final_metrics": result.metrics,
                "mlflow_uri": uri, "mlflow_run_id": run_id,
                "error": None if result.error is None else str(result.error)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=1, default=str))
     print("[t3d] " + json.dumps(summary, default=str), flush=True)
     return 0 if result.error is None else 1
 

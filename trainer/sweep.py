@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common import storage
 from common.config import ConfigError, add_config_args, config_from_dict, load_config, merge, nested, save_config
 from trainer.pretrain import init_ray, mlflow_run, resolve_paths
 
@@ -31,17 +32,18 @@ if TYPE_CHECKING:
     from common.config import Config
 
 
-def sweep_dir(cfg: Config) -> Path:
-    return Path(cfg.train.output_dir) / "sweeps" / cfg.sweep.name
+def sweep_dir(cfg: Config) -> str:
+    """``{train.output_dir}/sweeps/{sweep.name}``: a folder or a URI (``common.storage``)."""
+    return storage.join(storage.normalize(cfg.train.output_dir), "sweeps", cfg.sweep.name)
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str, root: Path,
+def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str, root: str,
                  parent_run_id: str | None) -> Config:
     """The base config with one trial's values (dotted keys), in its own run folder, nested in MLflow."""
     data = dict(base)
     for key, value in params.items():
         data = merge(data, nested(key, value))
-    data = merge(data, {"train": {"run_name": f"trial-{trial_id}", "output_dir": str(root / "trials")},
+    data = merge(data, {"train": {"run_name": f"trial-{trial_id}", "output_dir": storage.join(root, "trials")},
                         "tracking": {"parent_run_id": parent_run_id}, "eval": {"enabled": False}})
     return config_from_dict(data)
 
@@ -72,7 +74,7 @@ def param_space(cfg: Config) -> dict[str, Any]:
     return {key: make[kind](values) for key, spec in cfg.sweep.space.items() for kind, values in spec.items()}
 
 
-def make_trainable(cfg: Config, root: Path, parent_run_id: str | None):
+def make_trainable(cfg: Config, root: str, parent_run_id: str | None):
     """The trial function (closed over the base config) and its resources (the trial's own actor;
     its Train workers ask for theirs through ``ray.*``)."""
     from ray import tune
@@ -93,16 +95,17 @@ def make_trainable(cfg: Config, root: Path, parent_run_id: str | None):
     return tune.with_resources(trial, {"cpu": cfg.sweep.driver_cpus})
 
 
-def make_tuner(cfg: Config, root: Path, trainable, resume: bool):
+def make_tuner(cfg: Config, root: str, trainable, resume: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     sw = cfg.sweep
+    path, fs = storage.ray_storage(root)
     if resume:
-        if not tune.Tuner.can_restore(str(root)):
+        if not tune.Tuner.can_restore(path, storage_filesystem=fs):
             raise SystemExit(f"--resume: no sweep to resume in {root}")
-        return tune.Tuner.restore(str(root), trainable, resume_unfinished=True, resume_errored=True)
-    if (root / "tuner.pkl").is_file():
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+    if storage.isfile(storage.join(root, "tuner.pkl")):
         raise SystemExit(f"{root} holds a sweep already: continue it with --resume, or set another sweep.name")
     search = None
     if sw.search == "optuna":
@@ -117,11 +120,11 @@ def make_tuner(cfg: Config, root: Path, trainable, resume: bool):
         trainable, param_space=param_space(cfg),
         tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, num_samples=sw.num_samples, search_alg=search,
                                     scheduler=scheduler, max_concurrent_trials=sw.max_concurrent_trials),
-        run_config=tune.RunConfig(name=sw.name, storage_path=str(root.parent), verbose=0,
+        run_config=tune.RunConfig(name=sw.name, storage_path=storage.parent(path), storage_filesystem=fs, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=sw.max_failures)))
 
 
-def results_table(grid, cfg: Config, root: Path) -> list[dict[str, Any]]:
+def results_table(grid, cfg: Config, root: str) -> list[dict[str, Any]]:
     """One row per trial: its values, status, error, the best and last score over its checkpoints."""
     sw = cfg.sweep
     better = max if sw.mode == "max" else min
@@ -132,14 +135,14 @@ def results_table(grid, cfg: Config, root: Path) -> list[dict[str, Any]]:
         scores = [] if df is None or sw.metric not in df else [
             (float(v), int(s)) for v, s in zip(df[sw.metric], df["step"]) if v == v]
         best = better(scores) if scores else (math.nan, -1)
-        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        trial_id = (r.metrics or {}).get("trial_id") or storage.name(r.path)
         rows.append({"trial": trial_id, **cfg_vals,
                      "status": "ERROR" if r.error else "TERMINATED",
                      "error": (str(r.error).splitlines() or [""])[-1][:300] if r.error else "",
                      f"best {sw.metric}": best[0], "best step": best[1],
                      "last step": int((r.metrics or {}).get("step", -1)),
                      "loss": (r.metrics or {}).get("loss", math.nan),
-                     "run_dir": str(root / "trials" / f"trial-{trial_id}")})
+                     "run_dir": storage.join(root, "trials", f"trial-{trial_id}")})
     return sorted(rows, key=lambda r: str(r["trial"]))            # ties go to the first trial
 
 
@@ -171,7 +174,7 @@ def plot(rows: list[dict[str, Any]], cfg: Config, path: Path) -> Path:
     return path
 
 
-def best_outputs(rows: list[dict[str, Any]], cfg: Config, root: Path) -> dict[str, Any] | None:
+def best_outputs(rows: list[dict[str, Any]], cfg: Config, root: str) -> dict[str, Any] | None:
     """The best trial's config as a pretraining config (own run name, the base output folder, no
     sweep), written to ``best_config.yaml``; returns the best row (with its checkpoint folder)."""
     key = f"best {cfg.sweep.metric}"
@@ -185,12 +188,12 @@ def best_outputs(rows: list[dict[str, Any]], cfg: Config, root: Path) -> dict[st
     trial_cfg = merge(trial_cfg, {"train": {"run_name": f"{cfg.sweep.name}-best"}})
     trial_cfg["sweep"] = {}
     best_cfg = config_from_dict(trial_cfg)
-    save_config(best_cfg, root / "best_config.yaml")
-    best["checkpoint"] = str(Path(best["run_dir"]) / f"step_{best['best step']:07d}") if best["run_dir"] else ""
+    save_config(best_cfg, storage.join(root, "best_config.yaml"))
+    best["checkpoint"] = storage.join(best["run_dir"], f"step_{best['best step']:07d}") if best["run_dir"] else ""
     return best
 
 
-def publish(uri: str | None, parent_run_id: str | None, rows, best, cfg: Config, root: Path) -> None:
+def publish(uri: str | None, parent_run_id: str | None, rows, best, cfg: Config, root: str) -> None:
     if not (uri and parent_run_id):
         return
     import pandas as pd
@@ -201,15 +204,19 @@ def publish(uri: str | None, parent_run_id: str | None, rows, best, cfg: Config,
     client = MlflowClient(uri)
     client.log_table(parent_run_id, pd.DataFrame(rows), "results_table.json")
     for name in ("results.csv", "score_vs_knobs.png", "best_config.yaml"):
-        if (root / name).is_file():
-            client.log_artifact(parent_run_id, str(root / name))
-    if best and best["checkpoint"] and (Path(best["checkpoint"]) / "export").is_dir():
-        info = json.loads((Path(best["checkpoint"]) / "export" / "export.json").read_text())
+        if storage.isfile(storage.join(root, name)):
+            local = storage.local_state_dir(root) / name
+            if storage.is_remote(root):
+                local.write_bytes(storage.read_bytes(storage.join(root, name)))
+            client.log_artifact(parent_run_id, str(local))
+    export = storage.join(best["checkpoint"], "export") if best and best["checkpoint"] else None
+    if export and storage.isdir(export):
+        info = json.loads(storage.read_text(storage.join(export, "export.json")))
         run_id = info.get("mlflow_run_id") or parent_run_id
-        v = register_checkpoint(uri, run_id, Path(best["checkpoint"]) / "export", cfg.sweep.name,
+        v = register_checkpoint(uri, run_id, storage.local_dir(export), cfg.sweep.name,
                                 {"step": str(best["best step"]), "metric": cfg.sweep.metric,
                                  "value": f"{best[f'best {cfg.sweep.metric}']:.6g}", "trial": str(best["trial"])},
-                                f"checkpoints/{Path(best['checkpoint']).name}")
+                                f"checkpoints/{storage.name(best['checkpoint'])}")
         if v:
             print(f"[sweep] registered {cfg.sweep.name} v{v} (alias 'best'): {best['checkpoint']}", flush=True)
     client.set_terminated(parent_run_id, "FINISHED")
@@ -220,9 +227,10 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     if not cfg.sweep.space:
         raise ConfigError("sweep.space: empty; name at least one config key to sweep")
     check_space_types(cfg)
-    root = sweep_dir(cfg).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, root / "sweep_config.yaml")
+    storage.check(cfg.data.shards)
+    root = sweep_dir(cfg)
+    storage.check(root, write=True)                 # a bad bucket, key or endpoint fails here, naming the URI
+    save_config(cfg, storage.join(root, "sweep_config.yaml"))
     parent_cfg = config_from_dict(merge(cfg.to_dict(), {"train": {"run_name": cfg.sweep.name}}))
     uri, parent_run_id = mlflow_run(parent_cfg, root)           # the id is kept in the folder: --resume reuses it
     init_ray(cfg)
@@ -230,15 +238,19 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     grid = tuner.fit()
     rows = results_table(grid, cfg, root)
     import csv
+    import io
 
-    with open(root / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
-    plot(rows, cfg, root / "score_vs_knobs.png")
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    w.writeheader()
+    w.writerows(rows)
+    storage.write_text(storage.join(root, "results.csv"), f.getvalue())
+    png = plot(rows, cfg, storage.local_state_dir(root) / "score_vs_knobs.png")
+    if storage.is_remote(root):
+        storage.write_bytes(storage.join(root, png.name), png.read_bytes())
     best = best_outputs(rows, cfg, root)
     publish(uri, parent_run_id, rows, best, cfg, root)
-    return {"dir": str(root), "rows": rows, "best": best, "mlflow_run_id": parent_run_id}
+    return {"dir": root, "rows": rows, "best": best, "mlflow_run_id": parent_run_id}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ def run_dir(tmp_path):
 
 
 def test_ledger_survives_restart(run_dir, phantom):
-    assert [p.name for p in ready_checkpoints(run_dir)] == ["step_0000007", "step_0000014"]
+    assert [Path(p).name for p in ready_checkpoints(run_dir)] == ["step_0000007", "step_0000014"]
     first = evaluate_pending(str(run_dir), str(phantom / "shards"), ["retrieval"], None)
     assert [(n["checkpoint"], n["step"]) for n in first] == [("step_0000007", 7), ("step_0000014", 14)]
     # a new evaluator (restart) finds everything in the ledger: nothing repeated, nothing lost
@@ -64,7 +65,7 @@ def test_rotated_checkpoint_is_recorded_not_retried(run_dir, phantom, monkeypatc
     real = scoring.Scoring
 
     def rotate_first(ck, *a, **kw):
-        if ck.name == "step_0000007":
+        if Path(ck).name == "step_0000007":
             shutil.rmtree(ck)
         return real(ck, *a, **kw)
 

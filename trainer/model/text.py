@@ -1,8 +1,6 @@
 """BERT text encoder (HF transformers) from a local directory, or random-init (no hub access)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -40,7 +38,9 @@ class TextEncoder(nn.Module):
         from transformers import BertModel
 
         if cfg.text_encoder:
-            p = Path(cfg.text_encoder)
+            from common.storage import local_dir
+
+            p = local_dir(cfg.text_encoder)           # a URI: a copy in the local cache, made once
             if not (p / "config.json").is_file():
                 raise FileNotFoundError(f"model.text_encoder={p}: no config.json there (expected a local "
                                         "copy of a BERT model such as MedCPT-Query-Encoder)")
