@@ -66,3 +66,28 @@ def mlflow_uri(tmp_path_factory):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """A real S3-compatible store (SeaweedFS, ``cluster.objectstore``) on 127.0.0.1, bucket ``t3d``."""
+    from cluster import objectstore
+
+    try:
+        objectstore.weed_binary()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    store = objectstore.start(tmp_path_factory.mktemp("objectstore"))
+    try:
+        yield store
+    finally:
+        objectstore.stop(store)
+
+
+@pytest.fixture
+def s3(s3_store, monkeypatch, tmp_path):
+    """The store's standard AWS variables in this test's environment, and a cache of its own."""
+    for k, v in s3_store.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("T3D_CACHE_DIR", str(tmp_path / "cache"))
+    return s3_store
