@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DEMO ?= demo
+STORAGE ?= local
 SEED ?= 0
 PYTEST_ARGS ?=
 
@@ -23,13 +24,20 @@ $(STAMP): pyproject.toml
 
 test: install
 	@command -v java >/dev/null || echo "warning: no Java runtime on PATH: METEOR (report generation) cannot run; its tests are skipped"
+	@command -v sshd >/dev/null && command -v rsync >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server rsync) \
+	  || echo "warning: no sshd or rsync (apt-get install openssh-server rsync): the cluster launcher test is skipped"
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# dist/: the project wheel + constraints.txt of this locked environment, what cluster/node.sh installs on nodes
+.PHONY: wheel
+wheel: install
+	$(BIN)/python -m cluster.wheel --out dist
+
 demo: install
-	$(BIN)/python -m cluster.demo --dir $(DEMO)
+	$(BIN)/python -m cluster.demo --dir $(DEMO) --storage $(STORAGE)
 
 # does pretraining learn? CLIP-only vs CLIP+TMA on phantoms, one seed (make science SEED=1 for another)
 science: install
