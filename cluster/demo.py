@@ -1,6 +1,10 @@
 """`make demo`: local cluster up, phantom dataset, ingest, `ray job submit` pretraining, scoring.
 
-    python -m cluster.demo [--dir demo] [--n 32] [--steps 40] [--zero 2]
+    python -m cluster.demo [--dir demo] [--n 32] [--steps 40] [--zero 2] [--storage s3]
+
+``--storage s3`` (``make demo STORAGE=s3``): the cluster comes up with its object store
+(SeaweedFS on loopback), shards, checkpoints, the evaluator's ledger and MLflow's artifacts all
+go to ``s3://t3d/demo/...``.
 
 Every step is the command a user would run; each is printed before it runs.
 """
@@ -32,14 +36,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=60, help="phantom volumes (a third held out: valid + test)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--zero", type=int, default=2, help="DeepSpeed ZeRO stage")
+    p.add_argument("--storage", default="local", choices=["local", "s3"], help="where shards and runs live")
     a = p.parse_args(argv)
     t0 = time.time()
     py = sys.executable
     d = (REPO / a.dir).resolve()
-    raw, shards, runs = d / "raw", d / "shards", d / "runs"
-    st = local.up(local.state_dir(), 8, 5000, 8265, 6380, 1024)
+    s3 = a.storage == "s3"
+    st = local.up(local.state_dir(), 8, 5000, 8265, 6380, 1024, storage=s3)
+    if s3 and not st.get("s3_endpoint"):
+        raise SystemExit("demo: the cluster is up without its object store: `make down`, then `make demo STORAGE=s3`")
+    raw = d / "raw"
+    shards, runs = (f"s3://{st['s3_bucket']}/{a.dir}/shards", f"s3://{st['s3_bucket']}/{a.dir}/runs") if s3 else \
+        (str(d / "shards"), str(d / "runs"))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": st["mlflow_uri"],
-           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+           "RAY_DATA_DISABLE_PROGRESS_BARS": "1", **local.storage_env(st)}
+    os.environ.update(local.storage_env(st))             # this process reads the run's results too
     if not (raw / "metadata").is_dir():
         sh([py, "-m", "data_service.synth", "--out", str(raw), "--n", str(a.n), "--seed", "0"], env)
     sh([py, "-m", "data_service.ingest", "--source", "ctrate", "--input", str(raw), "--out", str(shards),
@@ -53,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         "--set", f"tracking.mlflow_uri={st['mlflow_uri']}", "--set", "eval.enabled=true",
         "--set", "eval.tasks=[zeroshot,retrieval,probe,reportgen,segmentation]",
         "--set", "eval.poll_seconds=10"], env)
-    run_dir = runs / run_name
-    summary = json.loads((run_dir / "summary.json").read_text())
-    ckpts = sorted(run_dir.glob("step_*"))
+    from common import storage
     from evaluators.actor import Ledger
 
-    ledger = Ledger(run_dir / "eval_ledger.jsonl").results()
+    run_dir = storage.join(runs, run_name)
+    summary = json.loads(storage.read_text(storage.join(run_dir, "summary.json")))
+    ckpts = [storage.name(c) for c in storage.glob(run_dir, "step_*")]
+    ledger = Ledger(storage.join(run_dir, "eval_ledger.jsonl")).results()
     from mlflow.tracking import MlflowClient
 
     hist = MlflowClient(st["mlflow_uri"]).get_metric_history(summary["mlflow_run_id"], "loss/loss")
@@ -68,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"steps          {summary['final_metrics'].get('step')} (ZeRO-{a.zero}, 2 workers)")
     if hist:
         print(f"loss           {hist[0].value:.3f} (step {hist[0].step}) -> {hist[-1].value:.3f} (step {hist[-1].step})")
-    print(f"checkpoints    {', '.join(c.name for c in ckpts)}")
+    print(f"checkpoints    {', '.join(ckpts)}")
     for r in ledger:   # scored by the evaluator actor while the job ran
         m = r["metrics"]
         head = {k.split("/", 1)[1]: round(v, 3) for k, v in m.items()
@@ -84,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"eval artifacts {run_dir}/step_*/eval/ (tables, ROC curves, generated reports), "
           f"{run_dir}/metrics_over_checkpoints.png; in MLflow under eval/")
     print(f"MLflow         {st['mlflow_uri']}  (experiment 't3d', run {summary['mlflow_run_id']})")
+    if s3:
+        print(f"object store   {st['s3_endpoint']}: shards {shards}, runs {runs}, MLflow artifacts "
+              f"s3://{st['s3_bucket']}/mlartifacts (credentials: source {st['s3_env']})")
     print(f"Ray dashboard  {st['dashboard']}")
     print(f"took           {time.time() - t0:.0f} s;  stop the cluster with `make down`")
     return 0

@@ -277,6 +277,10 @@ def train_loop(config: dict[str, Any]) -> None:
         run = setup(args, rank, world, universal=saved_world(source) not in (None, world))
         resume(run, source)
     if source is not None:
+        if rank == 0:
+            name = storage.name(given.path) if d and source == Path(d) else source.name   # d: Ray's download
+            print(f"[t3d] this attempt resumes from {storage.join(args.run_dir, name)} (the newest good "
+                  f"checkpoint): steps after {run.state['step']} are trained again", flush=True)
         for cb in args.callbacks:
             cb.on_resume(run)
     cfg, state = run.cfg, run.state

@@ -125,3 +125,22 @@ def test_ingest_and_stream_from_the_store(s3, phantom, debug_cfg, tmp_path):
             np.testing.assert_array_equal(got[k], want[k])
     assert len(list((tmp_path / "shard-cache").iterdir())) == 1          # one train shard, copied once
     assert json.loads(storage.read_text(storage.join(uri, "manifest.json")))["shards"]
+
+
+def test_sweep_outputs_on_the_store(s3, debug_cfg):
+    """A sweep's folder on s3://: its best configuration is written there and loads as a config."""
+    from common.config import load_config
+    from trainer import sweep
+
+    cfg = load_config(REPO / "configs/sweep_phantom.yaml", [f"train.output_dir={s3.uri('unit', 'sw')}",
+                                                           "sweep.name=tiny"])
+    root = sweep.sweep_dir(cfg)
+    assert root == s3.uri("unit", "sw", "sweeps", "tiny")
+    values = {k: next(iter(spec.values()))[0] for k, spec in cfg.sweep.space.items()}
+    rows = [{"trial": "a", **values, f"best {cfg.sweep.metric}": 0.7, "best step": 2,
+             "run_dir": storage.join(root, "trials", "trial-a")}]
+    best = sweep.best_outputs(rows, cfg, root)
+    assert best["checkpoint"] == storage.join(root, "trials", "trial-a", "step_0000002")
+    loaded = load_config(storage.join(root, "best_config.yaml"))
+    assert loaded.sweep.space == {} and loaded.train.run_name == "tiny-best"
+    assert loaded.tma.w_local == values["tma.w_local"]
