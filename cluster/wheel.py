@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO / "dist"))
     a = p.parse_args(argv)
     whl, cons = build(Path(a.out).resolve())
-    print(f"{whl}\n{cons} ({len(cons.read_text().splitlines())} pins)")
+    pins = [x for x in cons.read_text().splitlines() if not x.startswith("#")]
+    print(f"{whl}\n{cons} ({len(pins)} pins)")
     return 0
 
 

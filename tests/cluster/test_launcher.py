@@ -89,6 +89,15 @@ def test_launcher_configs_share_commands():
         assert not token or token not in text, f"{path}: holds this machine's Ray token"
 
 
+def test_constraints_from_freeze():
+    from cluster.wheel import constraints
+
+    freeze = "# a comment\nray==2.60.0\ntorch==2.13.0+cpu\nt3d==0.1.0\nPyYAML==6.0.3\n"
+    assert constraints(freeze) == ["ray==2.60.0", "torch==2.13.0", "PyYAML==6.0.3"]
+    with pytest.raises(ValueError, match="foo @ file:///x"):
+        constraints("foo @ file:///x\n")
+
+
 # ------------------------------------------------------------------ ray up / job submit / ray down
 
 REAPER = "import os, time\nwhile True:\n    try: os.wait()\n    except ChildProcessError: time.sleep(0.5)"
