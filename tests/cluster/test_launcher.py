@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import getpass
+import hashlib
 import importlib.metadata
 import os
 import re
@@ -295,4 +296,6 @@ T3D_RAY_ARGS="{' '.join(ray_args)}"
 
         for f in (get_state_path(name), get_lock_path(name)):    # the head's autoscaler's (in /tmp/ray)
             Path(f).unlink(missing_ok=True)
+        h = lambda x: hashlib.sha256(x.encode()).hexdigest()[:10]  # noqa: E731 - ssh ControlPath, as Ray names it
+        shutil.rmtree(f"/tmp/ray_ssh_{h(getpass.getuser())}/{h(name)}", ignore_errors=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
