@@ -167,7 +167,7 @@ def resume(run: Run, source: Path | None) -> None:
         if run.rank == 0:
             print(f"[t3d] {source.name} was saved by {before} worker(s), resuming on {run.world}: "
                   "converting it to a DeepSpeed universal checkpoint", flush=True)
-        with tempfile.TemporaryDirectory(prefix="t3d-universal-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="t3d-universal-", dir=storage.scratch_dir()) as tmp:
             run.state.update(eng.load(run.engine, source, run.rank, universal=eng.to_universal(source, tmp)))
     else:
         run.state.update(eng.load(run.engine, source, run.rank))
