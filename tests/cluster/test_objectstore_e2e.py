@@ -99,7 +99,13 @@ def test_pretrain_on_object_storage_with_faults(tmp_path, monkeypatch):
             time.sleep(1)
         import psutil
 
-        workers = [p for p in local._ray_procs(st) if "RayTrainWorker" in " ".join(p.cmdline() or [p.name()])]
+        def is_train_worker(p) -> bool:
+            try:
+                return "RayTrainWorker" in " ".join(p.cmdline() or [p.name()])
+            except psutil.Error:          # gone between the listing and the look (an idle worker exiting)
+                return False
+
+        workers = [p for p in local._ray_procs(st) if is_train_worker(p)]
         assert workers, "no Ray Train worker found"
         workers[-1].kill()
         while "this attempt resumes from" not in logs():
