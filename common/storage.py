@@ -306,7 +306,7 @@ def local_dir(path: str | Path) -> Path:
     if not (dest / ".complete").is_file():
         if not walk_files(s):
             raise FileNotFoundError(f"{s}: no such folder (or it is empty)")
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.is_dir() else _mk(dest.parent)))
+        tmp = Path(tempfile.mkdtemp(dir=_mk(dest.parent)))
         download_dir(s, tmp)
         (tmp / ".complete").write_text(s)
         if dest.exists():
