@@ -27,6 +27,14 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
+# Ray 2.60 keeps a node on loopback only while this is "0": `ray start` then keeps
+# --node-ip-address=127.0.0.1 (services.get_node_ip_address returns the loopback address instead of
+# the machine's), and a node whose IP is loopback binds its GCS, raylet, agents and workers there.
+# The same switch makes `ray start --address` refuse a second node, so a multi-node cluster
+# (``up(..., multinode=True)``) runs without it and Ray binds those servers to all interfaces
+# (docs/design.md, "Known limitations"). Every process that calls ray.init(address=...) on a
+# loopback cluster needs it too: job drivers and workers inherit it from the head.
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 SLOT = "train_slot"
@@ -93,13 +101,14 @@ def start_mlflow(sd: Path, port: int, env: dict[str, str] | None = None, artifac
 
 
 def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port: int,
-       object_store_mb: int, worker_slots: int = 0, storage: bool = False) -> dict:
+       object_store_mb: int, worker_slots: int = 0, storage: bool = False, multinode: bool = False) -> dict:
     """Head + MLflow. ``worker_slots`` > 0: every node advertises that many ``train_slot``
     resources (``ray.worker_resources={train_slot: 1}`` then places at most that many training
     workers per node, as GPUs would). ``storage``: an S3-compatible store first (SeaweedFS on
     loopback, bucket ``t3d``); Ray's processes and MLflow get its AWS variables from their
     environment, MLflow keeps its artifacts in ``s3://t3d/mlartifacts``, and ``sd/s3.env`` holds
-    the variables for users to ``source``."""
+    the variables for users to ``source``. ``multinode``: the head accepts more nodes (``add_node``),
+    at the price of Ray's servers listening on all interfaces; otherwise all of it is on loopback."""
     sd.mkdir(parents=True, exist_ok=True)
     st_file = sd / "state.json"
     if st_file.is_file():
@@ -110,6 +119,8 @@ def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port:
     env = _env()
     env["MLFLOW_TRACKING_URI"] = f"http://{HOST}:{mlflow_port}"   # job drivers inherit the head's env
     env[MARKER] = str(sd)
+    if not multinode:
+        env.update(LOOPBACK_ONLY)
     store = None
     if storage:
         from cluster import objectstore
@@ -137,7 +148,7 @@ def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port:
     proc = start_mlflow(sd, mlflow_port, env, store.uri("mlartifacts") if store else None)
     st = {"ray_address": f"{HOST}:{ray_port}", "dashboard": f"http://{HOST}:{dashboard_port}",
           "mlflow_uri": f"http://{HOST}:{mlflow_port}", "mlflow_pid": proc.pid, "ray_temp_dir": str(tmp),
-          "marker": str(sd), "worker_slots": worker_slots,
+          "marker": str(sd), "worker_slots": worker_slots, "multinode": multinode,
           **({"s3_endpoint": store.endpoint, "s3_bucket": store.bucket, "s3_pid": store.pid,
               "s3_env": str(sd / "s3.env")} if store else {}),
           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -158,6 +169,9 @@ def add_node(sd: Path, num_cpus: int, object_store_mb: int = 512) -> dict:
     ``T3D_NODE={i}``, so ``kill_node`` (tests) and ``down`` find them."""
     st_file = sd / "state.json"
     st = json.loads(st_file.read_text())
+    if not st.get("multinode"):
+        raise RuntimeError(f"{sd}: this cluster's head keeps Ray on loopback, which refuses more nodes; "
+                           "start it with `python -m cluster.local up --nodes N` (or up(..., multinode=True))")
     idx = len(st.get("nodes", [])) + 2                         # the head is node 1
     env = _env()
     env["MLFLOW_TRACKING_URI"] = st["mlflow_uri"]
@@ -364,13 +378,14 @@ def status(sd: Path) -> int:
 def print_usage(st: dict) -> None:
     s3 = (f"Object store:  {st['s3_endpoint']}   bucket s3://{st['s3_bucket']}   (credentials: source {st['s3_env']})\n"
           if st.get("s3_endpoint") else "")
+    loop = "" if st.get("multinode") else " " + " ".join(f"{k}={v}" for k, v in LOOPBACK_ONLY.items())
     print(f"""
 Ray head:      {st['ray_address']}   (token auth: RAY_AUTH_MODE=token, token in ~/.ray/auth_token)
 Ray dashboard: {st['dashboard']}
 MLflow:        {st['mlflow_uri']}
 {s3}
 Submit a job:
-  export RAY_AUTH_MODE=token MLFLOW_TRACKING_URI={st['mlflow_uri']}
+  export RAY_AUTH_MODE=token MLFLOW_TRACKING_URI={st['mlflow_uri']}{loop}
   ray job submit --address {st['dashboard']} --working-dir . -- \\
       python -m trainer.pretrain --config configs/debug.yaml --set data.shards=$PWD/demo/shards
 """)
@@ -387,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray-port", type=int, default=6380)
     p.add_argument("--object-store-mb", type=int, default=1024)
     p.add_argument("--nodes", type=int, default=1, help="Ray nodes on this machine (the head + nodes-1 more)")
+    p.add_argument("--multi-node", action="store_true", help="a head that accepts nodes later (add-node); "
+                   "Ray's servers then listen on all interfaces (implied by --nodes > 1)")
     p.add_argument("--node-cpus", type=int, default=4, help="logical CPUs of each extra node")
     p.add_argument("--storage", action="store_true", help="also an S3-compatible object store on loopback "
                    "(SeaweedFS; MLflow artifacts go there; credentials in .cluster/s3.env)")
@@ -396,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     sd = state_dir(a.dir)
     if a.action == "up":
         st = up(sd, a.num_cpus, a.mlflow_port, a.dashboard_port, a.ray_port, a.object_store_mb, a.worker_slots,
-                a.storage)
+                a.storage, multinode=a.nodes > 1 or a.multi_node)
         for _ in range(len(st.get("nodes", [])) + 1, a.nodes):
             st = add_node(sd, a.node_cpus)
         print_usage(st)

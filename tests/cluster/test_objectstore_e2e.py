@@ -2,7 +2,9 @@
 artifacts in the bucket, SeaweedFS on loopback), phantoms ingested to s3://, `ray job submit`
 pretraining with its output on s3://, one training worker killed after a checkpoint, the object
 store stopped while a later checkpoint is being saved and started again, the evaluator actor
-scoring from s3://; and no shard or checkpoint written to local disk outside the cache."""
+scoring from s3://; and no shard or checkpoint written to local disk outside the cache. Also the
+local cluster itself: a job without the token (or with a wrong one) is refused, the training run's
+metrics reach MLflow by step, and `down` leaves no process behind."""
 from __future__ import annotations
 
 import fnmatch
@@ -18,6 +20,7 @@ import pytest
 
 from cluster import local, objectstore
 from common import storage
+from tests.cluster import procs
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -64,6 +67,12 @@ def test_pretrain_on_object_storage_with_faults(tmp_path, monkeypatch):
     shards, out = store.uri("e2e", "shards"), store.uri("e2e", "runs")
     py, ray = sys.executable, str(Path(sys.executable).parent / "ray")
     try:
+        _refuses_jobs_without_the_token(st["dashboard"])
+        # one node: everything the cluster opened (Ray's servers and workers, MLflow, the store) is on loopback
+        wide = [x for x in procs.listeners(procs.cluster_pids(st)) if not procs.is_loopback(x[0])]
+        assert not wide, wide
+        ports = {port for _, port, _, _ in procs.listeners(procs.cluster_pids(st))}
+        assert {int(u.rsplit(":", 1)[1]) for u in (st["mlflow_uri"], st["dashboard"], store.endpoint)} <= ports, ports
         r = _sh([py, "-m", "data_service.synth", "--out", str(tmp_path / "raw"), "--n", "24", "--seed", "5"], env)
         assert r.returncode == 0, r.stderr[-2000:]
         r = _sh([py, "-m", "data_service.ingest", "--source", "ctrate", "--input", str(tmp_path / "raw"),
@@ -145,6 +154,14 @@ def test_pretrain_on_object_storage_with_faults(tmp_path, monkeypatch):
         arts = storage.walk_files(store.uri("mlartifacts"))
         assert any("eval/step_0000008/metrics.json" in a for a in arts), arts[:20]
         assert not (sd / "mlartifacts").exists()
+        # the job driver inherited MLFLOW_TRACKING_URI from the head: the run's curves are there by step
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(st["mlflow_uri"])
+        assert summary["mlflow_uri"] == st["mlflow_uri"]
+        for name in ("loss/loss", "health/image_cosine"):        # representation health is logged too
+            steps = {m.step for m in client.get_metric_history(summary["mlflow_run_id"], name)}
+            assert steps >= {3, 4, 5, 6, 7, 8}, (name, sorted(steps))
         # the one-shot CLIs on an s3:// checkpoint
         ck = storage.join(run, "step_0000008")
         r = _sh([py, "-m", "evaluators.score", "--checkpoint", ck, "--data", shards, "--tasks", "retrieval"], env)
@@ -159,8 +176,24 @@ def test_pretrain_on_object_storage_with_faults(tmp_path, monkeypatch):
         leaks = _heavy_files([REPO, tmp, Path.home() / ".cache" / "t3d"], t0, skip=[cache, sd / "objectstore"])
         assert not leaks, leaks
     finally:
+        started = procs.raylets(st)
         local.down(sd)
+    assert local.status(sd) == 1
+    assert started and not procs.left_after_down(st, started)     # DashboardAgent, RuntimeEnvAgent ... too
     import psutil
 
     assert not [p for p in psutil.process_iter(["cmdline"]) if any("weed" in a for a in (p.info["cmdline"] or []))
                 and str(sd) in " ".join(p.info["cmdline"] or [])]
+
+
+def _refuses_jobs_without_the_token(dashboard: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"entrypoint": "echo should-not-run"}).encode()
+    for headers, code in (({}, 401), ({"Authorization": "Bearer wrong-token"}, 403)):
+        req = urllib.request.Request(dashboard + "/api/jobs/", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == code
