@@ -40,7 +40,7 @@ def synthetic_batch(cfg, batch: int, vocab: int, device, seed: int = 0):
         ids = torch.randint(5, vocab, (batch, d.max_sentences, d.max_sentence_tokens), generator=g)
     else:
         ids = torch.randint(5, vocab, (batch, d.max_text_tokens), generator=g)
-    return Batch(image.to(device), views.to(device) if v else None, params.to(device), ids.to(device),
+    return Batch(image.to(device), views.to(device) if v else None, params.numpy(), ids.to(device),
                  torch.ones_like(ids).to(device))
 
 
@@ -102,7 +102,7 @@ def run_one(spec: str, args) -> dict:
                                         max_name_column_width=60))
     out = {"spec": spec, "s_per_step": dt, "samples_s": cfg.train.batch_size / dt, "flops": flops,
            "peak_gib": (torch.cuda.max_memory_allocated() - held) / 2**30 if cuda else float("nan"),
-           "loss": logs["loss"], "batch": cfg.train.batch_size}
+           "loss": float(logs["loss"]), "batch": cfg.train.batch_size}
     del engine
     gc.collect()
     if cuda:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from cluster import local
+from trainer.dashboard import COMMIT_ENV, git_describe, run_url
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     sh([py, "-m", "data_service.ingest", "--source", "ctrate", "--input", str(raw), "--out", str(shards),
         "--config", "configs/debug.yaml", "--no-progress"], env)
     run_name = f"demo-zero{a.zero}-{time.strftime('%Y%m%d-%H%M%S')}"
-    sh([str(Path(py).parent / "ray"), "job", "submit", "--address", st["dashboard"], "--working-dir", ".", "--",
+    commit = {"env_vars": {COMMIT_ENV: git_describe()}}   # the job's copy of the code has no .git
+    sh([str(Path(py).parent / "ray"), "job", "submit", "--address", st["dashboard"], "--working-dir", ".",
+        "--runtime-env-json", json.dumps(commit), "--",
         "python", "-m", "trainer.pretrain", "--config", "configs/debug.yaml",
         "--set", f"data.shards={shards}", "--set", f"train.output_dir={runs}",
         "--set", f"train.run_name={run_name}", "--set", f"train.steps={a.steps}",
@@ -95,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"registered     none ({type(e).__name__}: {str(e)[:120]})")
     print(f"eval artifacts {run_dir}/step_*/eval/ (tables, ROC curves, generated reports), "
           f"{run_dir}/metrics_over_checkpoints.png; in MLflow under eval/")
-    print(f"MLflow         {st['mlflow_uri']}  (experiment 't3d', run {summary['mlflow_run_id']})")
+    run = client.get_run(summary["mlflow_run_id"])
+    print(f"MLflow         {run_url(st['mlflow_uri'], run.info.experiment_id, run.info.run_id)}  (experiment 't3d', "
+          "model-training view: the run's description, then charts from eval/)")
     if s3:
         print(f"object store   {st['s3_endpoint']}: shards {shards}, runs {runs}, MLflow artifacts "
               f"s3://{st['s3_bucket']}/mlartifacts (credentials: source {st['s3_env']})")

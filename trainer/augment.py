@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 M32 = 0xFFFFFFFF
@@ -21,8 +22,8 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     return ((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c & M32
 
 
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (C. Wellons): int64 in [0, 2^32) -> int64 in [0, 2^32)."""
+def hash32(x):
+    """lowbias32 (C. Wellons): int64 in [0, 2^32) -> int64 in [0, 2^32); a tensor or a Python int."""
     x = x ^ (x >> 16)
     x = _mul32(x, _C1)
     x = x ^ (x >> 15)
@@ -30,9 +31,22 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def noise_key(seed: int) -> int:
+    """The counter key of a sample's noise, on the host (its seed is a host parameter)."""
+    return (hash32(int(seed) & M32) + _GOLD) & M32
+
+
+def host_params(params) -> np.ndarray:
+    """The (N, 7) augmentation parameters as host float64: they steer Python control flow and the
+    kernel's launch, and the loader ships them as numpy (a device tensor is copied back, a sync)."""
+    if isinstance(params, torch.Tensor):
+        params = params.detach().cpu().numpy()
+    return np.asarray(params, dtype=np.float64)
+
+
 def hash_normal(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``n`` standard normals for ``seed`` (float32): element i from hash(key + 2i), hash(key + 2i + 1)."""
-    key = (int(hash32(torch.tensor([seed & M32]))[0]) + _GOLD) & M32
+    key = noise_key(seed)
     i = torch.arange(n, device=device, dtype=torch.int64)
     b1 = hash32((key + 2 * i) & M32)
     b2 = hash32((key + 2 * i + 1) & M32)
@@ -50,7 +64,7 @@ def augment_reference(x: torch.Tensor, params: torch.Tensor, window: tuple[float
     lo, hi = float(window[0]), float(window[1])
     y = ((x.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
     out = torch.empty_like(y)
-    p = params.detach().double().cpu()
+    p = host_params(params)
     for k in range(x.shape[0]):
         flips = [ax + 2 for ax in range(3) if p[k, ax] > 0.5]
         v = y[k:k + 1].flip(flips) if flips else y[k:k + 1]

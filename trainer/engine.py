@@ -109,6 +109,11 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
             for (text, decay), ps in sorted(groups.items())]
 
 
+# CUDA tensors through NCCL, host tensors (the loop's batch-size agreement) through gloo: a host
+# integer never waits on the GPU's queue
+BACKEND_GPU = "cpu:gloo,cuda:nccl"
+
+
 def ensure_process_group() -> None:
     """A one-process group when none exists (single-process runs, tests, ``benchmarks.train_step``):
     NCCL on a GPU, else gloo, so that the same DeepSpeed engine serves them as the Ray Train workers."""
@@ -124,7 +129,7 @@ def ensure_process_group() -> None:
     for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"), ("WORLD_SIZE", "1"),
                  ("LOCAL_RANK", "0")):
         os.environ.setdefault(k, v)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    dist.init_process_group(BACKEND_GPU if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
 
 
 def init_engine(model: torch.nn.Module, cfg: Config, universal: bool = False):
@@ -136,7 +141,7 @@ def init_engine(model: torch.nn.Module, cfg: Config, universal: bool = False):
     if torch.cuda.is_available():
         # fixed input shapes (the canonical grid, the view size): cuDNN picks its fastest 3D convolutions once
         torch.backends.cudnn.benchmark = True
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")   # joins the group above
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
                                            config=deepspeed_config(cfg, universal),
                                            lr_scheduler=wsd_scheduler(cfg) if cfg.train.schedule == "wsd" else None)

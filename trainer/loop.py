@@ -35,7 +35,7 @@ from trainer.losses import T3DLoss
 from trainer.losses.dist import all_reduce_min
 from trainer.model import build_model
 from trainer.model.text import tokenize_reports
-from trainer.step import Batch, model_inputs, train_step
+from trainer.step import Batch, model_inputs, scalars, train_step
 from trainer.tracking import SPOOL, Tracker
 
 
@@ -77,7 +77,7 @@ class Run:
     plan: Plan | None = None                       # the exact data order (data_service.stream)
     health: Batch | None = None
     monitor: CollapseMonitor | None = None
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, Any] = field(default_factory=dict)   # the last step's loss terms, 0-d device tensors
     clock: tuple[float, int] = (0.0, 0)            # (time, samples) at the last log
 
     @property
@@ -118,10 +118,10 @@ def health_batch(cfg: Config, tokenizer, device) -> Batch:
         if len(samples) == cfg.train.health_batch:
             break
     enc = tokenize_reports(tokenizer, [s["report"] for s in samples], cfg)
-    params = torch.zeros(len(samples), 1, 7, dtype=torch.float64)
+    params = np.zeros((len(samples), 1, 7), dtype=np.float64)
     params[:, 0, 3] = 1.0                                  # scale 1, no flips, no shift, no noise
     return Batch(torch.from_numpy(np.stack([s["ct"] for s in samples])[:, None]).to(device), None,
-                 params.to(device), enc["input_ids"].to(device), enc["attention_mask"].to(device))
+                 params, enc["input_ids"].to(device), enc["attention_mask"].to(device))
 
 
 def pick_checkpoint(given: Path | None, given_path: str | None, run_dir: str, rank: int,
@@ -206,7 +206,7 @@ def log(run: Run) -> None:
     """Loss terms, lr, throughput, data counters and representation health (all ranks compute the
     health metrics: under ZeRO-3 the forward gathers parameters collectively)."""
     cfg, state, step = run.cfg, run.state, run.state["step"]
-    metrics = {f"loss/{k}": v for k, v in run.logs.items()}
+    metrics = {f"loss/{k}": v for k, v in scalars(run.logs).items()}      # the one read of the loss terms
     if run.health is not None:
         image, _ = model_inputs(run.health, cfg.data, run.dtype)
         metrics.update(health_metrics(run.engine.module, image, run.health.input_ids, run.health.attention_mask))
@@ -234,15 +234,15 @@ def checkpoint(run: Run) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    step, args = run.state["step"], run.args
+    step, args, logs = run.state["step"], run.args, scalars(run.logs)
     with tempfile.TemporaryDirectory(dir=storage.scratch_dir()) as d:     # staged in the cache, then uploaded by Ray
-        full = {**run.state, "mlflow_run_id": args.mlflow_run_id, "time": time.time(), "loss": run.logs.get("loss")}
+        full = {**run.state, "mlflow_run_id": args.mlflow_run_id, "time": time.time(), "loss": logs.get("loss")}
         eng.save(run.engine, d, run.rank, full)
         eng.export(run.engine, Path(d) / "export", run.cfg, run.rank,
                    {"step": step, "tokenizer_dir": args.tokenizer_dir, "mlflow_run_id": args.mlflow_run_id,
-                    "loss": run.logs.get("loss")})
+                    "loss": logs.get("loss")})
         eng.write_checksums(d, run.rank)
-        metrics = {"step": step, **run.logs}
+        metrics = {"step": step, **logs}
         if args.validator and run.rank == 0:
             metrics.update(validate(args.validator, Path(d) / "export", run.cfg.data.shards))
             run.tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)

@@ -78,8 +78,11 @@ def prepare_tokenizer(cfg: Config, run_dir: str | Path) -> str:
     return out
 
 
-def mlflow_run(cfg: Config, run_dir: str, waits: tuple[float, ...] = (10.0, 30.0, 60.0)) -> tuple[str | None, str | None]:
+def mlflow_run(cfg: Config, run_dir: str, waits: tuple[float, ...] = (10.0, 30.0, 60.0),
+               preset: str | None = None) -> tuple[str | None, str | None]:
     """(tracking uri, run id); the id is kept in the run folder so resumes log to the same run.
+    A new run starts with its description (``trainer.dashboard``; ``preset``: the YAML it came from)
+    in a model-training experiment.
     An MLflow server that does not answer is retried after each of ``waits`` seconds; then the run
     trains untracked (a warning says so) rather than not at all."""
     uri = cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -87,7 +90,7 @@ def mlflow_run(cfg: Config, run_dir: str, waits: tuple[float, ...] = (10.0, 30.0
         return None, None
     for wait in (*waits, None):
         try:
-            return _mlflow_run(cfg, run_dir, uri)
+            return _mlflow_run(cfg, run_dir, uri, preset)
         except Exception as e:  # noqa: BLE001 - MLflow's errors are many (HTTP, timeouts, REST)
             if wait is None:
                 print(f"[t3d] WARNING: MLflow at {uri} did not answer ({type(e).__name__}: {str(e)[:200]}); "
@@ -99,16 +102,17 @@ def mlflow_run(cfg: Config, run_dir: str, waits: tuple[float, ...] = (10.0, 30.0
     return None, None
 
 
-def _mlflow_run(cfg: Config, run_dir: str, uri: str) -> tuple[str, str]:
+def _mlflow_run(cfg: Config, run_dir: str, uri: str, preset: str | None = None) -> tuple[str, str]:
     from mlflow.tracking import MlflowClient
+
+    from trainer.dashboard import experiment_id, start_tags
 
     client = MlflowClient(uri)
     id_file = storage.join(run_dir, "mlflow_run_id")
     if storage.isfile(id_file):
         return uri, storage.read_text(id_file).strip()
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
-    tags = {"run_dir": str(run_dir)}
+    exp_id = experiment_id(client, cfg.tracking.experiment)
+    tags = {"run_dir": str(run_dir), **start_tags(cfg, preset)}
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id          # nested under a sweep
     run = client.create_run(exp_id, run_name=cfg.train.run_name, tags=tags)
@@ -150,14 +154,16 @@ def init_ray(cfg: Config) -> None:
 
 
 def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, run_callbacks: list | None = None,
-        validator: str | None = None):
+        validator: str | None = None, preset: str | None = None):
     """Train ``cfg`` on the Ray cluster. ``callbacks``: ``trainer.loop.LoopCallback`` objects every
     worker runs (tests inject faults this way); ``run_callbacks``: Ray Train driver-side callbacks
-    (the sweep's reporting to Tune); ``validator``: scores each checkpoint (``sweep.scorer``).
+    (the sweep's reporting to Tune); ``validator``: scores each checkpoint (``sweep.scorer``);
+    ``preset``: the YAML ``cfg`` came from (the run's description names it).
     Returns (result, run folder: a Path, or the URI when on an object store, MLflow uri, run id)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from trainer.engine import BACKEND_GPU
     from trainer.loop import LoopArgs, train_loop
 
     cfg = resolve_paths(cfg)
@@ -166,7 +172,7 @@ def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, r
     storage.makedirs(run_dir)
     save_config(cfg, storage.join(run_dir, "config.yaml"))
     tok_dir = prepare_tokenizer(cfg, run_dir)
-    uri, run_id = mlflow_run(cfg, run_dir)
+    uri, run_id = mlflow_run(cfg, run_dir, preset=preset)
     init_ray(cfg)
     args = LoopArgs(cfg, tok_dir, run_dir, uri, run_id, log_samples, list(callbacks or []), validator)
     storage_path, storage_fs = storage.ray_storage(cfg.train.output_dir)
@@ -176,7 +182,7 @@ def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, r
                                                   else cfg.ray.num_workers),
                                      use_gpu=cfg.ray.use_gpu, placement_strategy=cfg.ray.placement_strategy,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **cfg.ray.worker_resources}),
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=BACKEND_GPU if cfg.ray.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.train.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              callbacks=list(run_callbacks or []),
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
     try:
-        result, run_dir, uri, run_id = fit(cfg, a.log_samples)
+        result, run_dir, uri, run_id = fit(cfg, a.log_samples, preset=a.config)
     except StorageError as e:
         raise SystemExit(f"[t3d] cannot use storage: {e}") from e
     ckpts = [storage.name(p) for p in storage.glob(run_dir, "step_*") if storage.isdir(storage.join(p, "export"))]

@@ -22,7 +22,7 @@ class Batch:
     """One micro-batch on the trainer's device, as the loader shipped it (int16 + parameters)."""
     image: torch.Tensor                 # (B, 1, X, Y, Z) int16 HU
     views: torch.Tensor | None          # (B, V, 1, x, y, z) int16 HU, or None (CLIP only)
-    params: torch.Tensor                # (B, 1 + V, 7) float64: row 0 the whole volume, then the views
+    params: np.ndarray                  # (B, 1 + V, 7) float64 on the host: row 0 the whole volume, then the views
     input_ids: torch.Tensor             # (B, L)
     attention_mask: torch.Tensor        # (B, L)
     neg_input_ids: torch.Tensor | None = None       # (B, S, Ls) each sentence negated (data.augment.negated_sentences)
@@ -31,15 +31,32 @@ class Batch:
     @classmethod
     def from_numpy(cls, b: dict[str, Any], device, views: bool, rows: np.ndarray | None = None) -> "Batch":
         """From a loader batch (``data_service.stream``); ``rows`` selects samples (default all)."""
+        def host(name):
+            return np.ascontiguousarray(b[name] if rows is None else b[name][rows])
+
         def t(name):
-            a = b[name] if rows is None else b[name][rows]
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+            return to_device(torch.from_numpy(host(name)), device)
 
         neg = [t(k) if k in b else None for k in ("neg_input_ids", "neg_attention_mask")]
-        return cls(t("image"), t("views") if views else None, t("params"), t("input_ids"), t("attention_mask"), *neg)
+        return cls(t("image"), t("views") if views else None, host("params"), t("input_ids"), t("attention_mask"), *neg)
 
     def __len__(self) -> int:
         return self.image.shape[0]
+
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor onto the trainer's device; to CUDA through pinned memory, without waiting on the GPU."""
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def scalars(logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """The step's 0-d loss terms (``T3DLoss``) as floats, read in one stacked transfer: the only
+    host sync of a logging step's losses."""
+    keys = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+    read = torch.stack([logs[k].float() for k in keys]).tolist() if keys else []
+    return {**{k: float(v) for k, v in logs.items() if k not in keys}, **dict(zip(keys, read))}
 
 
 def model_inputs(batch: Batch, data: DataConfig, dtype: torch.dtype, kernel: str = "auto"):
@@ -48,15 +65,15 @@ def model_inputs(batch: Batch, data: DataConfig, dtype: torch.dtype, kernel: str
     views = None
     if batch.views is not None and batch.views.shape[1] > 0:
         b, v = batch.views.shape[:2]
-        flat = augment(batch.views.flatten(0, 1), batch.params[:, 1:].flatten(0, 1), data.hu_window, kernel)
+        flat = augment(batch.views.flatten(0, 1), batch.params[:, 1:].reshape(-1, batch.params.shape[-1]), data.hu_window, kernel)
         views = flat.view(b, v, *flat.shape[1:]).to(dtype)
     return image, views
 
 
 def train_step(engine, loss_fn, batch: Batch, data: DataConfig, dtype: torch.dtype = torch.float32,
-               kernel: str = "auto") -> dict[str, float]:
+               kernel: str = "auto") -> dict[str, torch.Tensor]:
     """Forward, loss, backward and (at an accumulation boundary) the optimizer step; returns the
-    loss terms as floats."""
+    loss terms as 0-d device tensors (``scalars`` reads them)."""
     image, views = model_inputs(batch, data, dtype, kernel)
     negations = None if batch.neg_input_ids is None else (batch.neg_input_ids, batch.neg_attention_mask)
     out = engine(image, batch.input_ids, batch.attention_mask, views, negations)

@@ -74,7 +74,7 @@ def param_space(cfg: Config) -> dict[str, Any]:
     return {key: make[kind](values) for key, spec in cfg.sweep.space.items() for kind, values in spec.items()}
 
 
-def make_trainable(cfg: Config, root: str, parent_run_id: str | None):
+def make_trainable(cfg: Config, root: str, parent_run_id: str | None, preset: str | None = None):
     """The trial function (closed over the base config) and its resources (the trial's own actor;
     its Train workers ask for theirs through ``ray.*``)."""
     from ray import tune
@@ -88,7 +88,7 @@ def make_trainable(cfg: Config, root: str, parent_run_id: str | None):
         from trainer.pretrain import fit
 
         tcfg = trial_config(base, params, tune.get_context().get_trial_id(), root, parent_run_id)
-        result, run_dir, _, _ = fit(tcfg, run_callbacks=[TuneReportCallback()], validator=scorer)
+        result, run_dir, _, _ = fit(tcfg, run_callbacks=[TuneReportCallback()], validator=scorer, preset=preset)
         if result.error is not None:
             raise RuntimeError(f"trial run {run_dir} failed: {result.error}")
 
@@ -210,6 +210,7 @@ def publish(uri: str | None, parent_run_id: str | None, rows, best, cfg: Config,
                 local.write_bytes(storage.read_bytes(storage.join(root, name)))
             client.log_artifact(parent_run_id, str(local))
     export = storage.join(best["checkpoint"], "export") if best and best["checkpoint"] else None
+    v = None
     if export and storage.isdir(export):
         info = json.loads(storage.read_text(storage.join(export, "export.json")))
         run_id = info.get("mlflow_run_id") or parent_run_id
@@ -219,10 +220,24 @@ def publish(uri: str | None, parent_run_id: str | None, rows, best, cfg: Config,
                                 f"checkpoints/{storage.name(best['checkpoint'])}")
         if v:
             print(f"[sweep] registered {cfg.sweep.name} v{v} (alias 'best'): {best['checkpoint']}", flush=True)
+    describe(client, parent_run_id, cfg, rows, best, v)
     client.set_terminated(parent_run_id, "FINISHED")
 
 
-def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
+def describe(client, parent_run_id: str, cfg: Config, rows, best=None, version: str | None = None) -> None:
+    """The parent run's description: the trial table (each trial linked to its run) and the best configuration."""
+    from trainer.dashboard import NOTE_TAG, render_sweep_note, run_path
+
+    exp_id, links = client.get_run(parent_run_id).info.experiment_id, {}
+    for r in rows:
+        id_file = storage.join(r["run_dir"], "mlflow_run_id")
+        if storage.isfile(id_file):
+            links[str(r["trial"])] = run_path(exp_id, storage.read_text(id_file).strip())
+    note = render_sweep_note(cfg.sweep.name, cfg.sweep.metric, list(cfg.sweep.space), rows, best, links, version)
+    client.set_tag(parent_run_id, NOTE_TAG, note)
+
+
+def run(cfg: Config, resume: bool = False, preset: str | None = None) -> dict[str, Any]:
     cfg = resolve_paths(cfg)
     if not cfg.sweep.space:
         raise ConfigError("sweep.space: empty; name at least one config key to sweep")
@@ -232,9 +247,13 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     storage.check(root, write=True)                 # a bad bucket, key or endpoint fails here, naming the URI
     save_config(cfg, storage.join(root, "sweep_config.yaml"))
     parent_cfg = config_from_dict(merge(cfg.to_dict(), {"train": {"run_name": cfg.sweep.name}}))
-    uri, parent_run_id = mlflow_run(parent_cfg, root)           # the id is kept in the folder: --resume reuses it
+    uri, parent_run_id = mlflow_run(parent_cfg, root, preset=preset)   # the id is kept in the folder: --resume reuses it
+    if uri and parent_run_id:
+        from mlflow.tracking import MlflowClient
+
+        describe(MlflowClient(uri), parent_run_id, cfg, [])
     init_ray(cfg)
-    tuner = make_tuner(cfg, root, make_trainable(cfg, root, parent_run_id), resume)
+    tuner = make_tuner(cfg, root, make_trainable(cfg, root, parent_run_id, preset), resume)
     grid = tuner.fit()
     rows = results_table(grid, cfg, root)
     import csv
@@ -258,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
     a = p.parse_args(argv)
-    out = run(load_config(a.config, a.overrides), a.resume)
+    out = run(load_config(a.config, a.overrides), a.resume, a.config)
     cols = [k for k in out["rows"][0] if k not in ("run_dir", "error")] if out["rows"] else []
     print("\n" + "  ".join(f"{c:>14s}"[-14:] for c in cols))
     for r in out["rows"]:

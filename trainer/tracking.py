@@ -21,6 +21,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from common.metric_names import mlflow_name
+
 # MLflow retries a failed request 7 times with exponential backoff (minutes): in the processes that
 # log through a Tracker, fail fast instead and let the queue retry.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -56,7 +58,7 @@ class Tracker:
         return self.client is not None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Queue the finite metrics at ``step``; returns at once."""
+        """Queue the finite metrics at ``step`` under their MLflow names (``mlflow_name``); returns at once."""
         if not self.enabled:
             return
         ts = int(time.time() * 1000)
@@ -66,7 +68,7 @@ class Tracker:
                     if len(self.queue) >= self.MAX_QUEUED:
                         self.queue.popleft()
                         self.dropped += 1
-                    self.queue.append((k, float(v), ts, int(step)))
+                    self.queue.append((mlflow_name(k), float(v), ts, int(step)))
         self.wake.set()
 
     def pending(self) -> int:
@@ -120,8 +122,8 @@ class Tracker:
                     for _ in chunk:
                         self.queue.popleft()
             if self.dropped:
-                self.client.log_batch(self.run_id, metrics=[Metric("tracking/dropped_metrics", float(self.dropped),
-                                                                   int(time.time() * 1000), 0)])
+                dropped = Metric(mlflow_name("tracking/dropped_metrics"), float(self.dropped), int(time.time() * 1000), 0)
+                self.client.log_batch(self.run_id, metrics=[dropped])
                 self.dropped = 0
         except Exception as e:  # noqa: BLE001 - any failure of the server or the network
             if self.down_since is None:

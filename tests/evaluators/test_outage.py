@@ -73,7 +73,7 @@ def test_metrics_survive_an_mlflow_outage(tmp_path, phantom):
         hist = client.get_metric_history(run_id, "loss/loss")
         assert sorted((m.step, round(m.value, 3)) for m in hist) == [(1, 3.0), (2, 2.8), (3, 2.7), (4, 2.6), (5, 2.5)]
         assert [m.step for m in client.get_metric_history(run_id, "lr")] == [2, 3, 4]
-        assert [m.step for m in client.get_metric_history(run_id, "retrieval/i2t_R_at_1")] == [7]
+        assert [m.step for m in client.get_metric_history(run_id, "task/retrieval/i2t_R_at_1")] == [7]
     finally:
         if server.proc and server.proc.poll() is None:
             server.stop()

@@ -89,3 +89,89 @@ def test_lr_schedule_warmup_then_cosine_or_stable_decay(schedule):
     fresh.lr_scheduler.step()
     engine.lr_scheduler.step()
     assert fresh.get_lr()[0] == pytest.approx(engine.get_lr()[0])
+
+
+SYNC_READS = ("item", "__float__", "__int__", "__bool__", "tolist")   # a tensor's value read on the host
+
+
+def _count_reads(monkeypatch, fn) -> list[tuple[str, str, int]]:
+    """Run ``fn`` with every host read of a tensor's value recorded as (method, file, line) of its caller."""
+    import traceback
+
+    seen: list[tuple[str, str, int]] = []
+    for name in SYNC_READS:
+        orig = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _orig=orig, _name=name, **k):
+            caller = traceback.extract_stack(limit=3)[-2]
+            seen.append((_name, caller.filename, caller.lineno))
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    try:
+        fn()
+    finally:
+        monkeypatch.undo()
+    return seen
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("preset", ["debug", "sentence"])
+def test_no_host_sync_on_an_ordinary_micro_step(monkeypatch, preset):
+    """Loss terms, temperature and the augmentation parameters never leave the device (or are host
+    data to begin with) on a micro-step: its only value reads are the optimizer's at an accumulation
+    boundary (DeepSpeed's check that skips a step on a non-finite gradient norm; torch's AdamW step
+    count, a host tensor). Logging reads the terms once, stacked (``scalars``). The sentence unit
+    keeps one data-dependent shape: the packing of its tokens."""
+    from benchmarks.train_step import synthetic_batch
+    from trainer.engine import init_engine
+    from trainer.losses import T3DLoss
+    from trainer.model import build_model
+    from trainer.step import scalars, train_step
+
+    extra = ["model.text_unit=sentence", "tma.w_sentence=1.0"] if preset == "sentence" else []
+    cfg = load_config(REPO / "configs/debug.yaml", ["train.batch_size=2", "train.grad_accum=2", "tma.prototypes=4",
+                                                    *extra])
+    torch.manual_seed(0)
+    engine = init_engine(build_model(cfg, 200), cfg)
+    loss_fn, batch = T3DLoss(cfg.tma), synthetic_batch(cfg, 2, 200, "cpu")
+    train_step(engine, loss_fn, batch, cfg.data)                                    # warm: lazy inits read values
+    train_step(engine, loss_fn, batch, cfg.data)
+    logs = {}
+    inside = _count_reads(monkeypatch, lambda: logs.update(train_step(engine, loss_fn, batch, cfg.data)))
+    assert engine.global_steps == 1                                                 # no optimizer step in there
+    boundary = _count_reads(monkeypatch, lambda: logs.update(train_step(engine, loss_fn, batch, cfg.data)))
+    ours = [r for r in inside + boundary if "site-packages" not in r[1]]
+    optim = {r for r in boundary if "/deepspeed/" in r[1] or "/torch/optim/" in r[1]}
+    if preset == "sentence":
+        assert {f.rsplit("/", 1)[-1] for _, f, _ in ours} <= {"t3d.py", "sentence.py"}, ours
+    else:
+        assert not inside and not ours and optim and set(boundary) == optim, (inside, boundary)
+    assert engine.global_steps == 2
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in logs.values()), logs
+    reads = _count_reads(monkeypatch, lambda: logs.update(scalars(logs)))
+    assert [r[0] for r in reads] == ["tolist"] and isinstance(logs["loss"], float)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: torch.cuda.set_sync_debug_mode needs a GPU")
+def test_no_cuda_sync_between_optimizer_steps():
+    """On a GPU: a micro-step inside an accumulation window runs with sync debugging set to error."""
+    from benchmarks.train_step import synthetic_batch
+    from trainer.engine import init_engine
+    from trainer.losses import T3DLoss
+    from trainer.model import build_model
+    from trainer.step import train_step
+
+    cfg = load_config(REPO / "configs/debug.yaml", ["train.batch_size=2", "train.grad_accum=2", "tma.prototypes=4",
+                                                    "ray.use_gpu=true", "train.augment_kernel=torch"])
+    torch.manual_seed(0)
+    engine = init_engine(build_model(cfg, 200).cuda(), cfg)
+    loss_fn, batch = T3DLoss(cfg.tma), synthetic_batch(cfg, 2, 200, "cuda")
+    for _ in range(2):
+        train_step(engine, loss_fn, batch, cfg.data)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_step(engine, loss_fn, batch, cfg.data)          # the first micro-step of a window: no optimizer step
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -83,6 +83,9 @@ def test_tiny_sweep_best_config_and_resume(phantom24, tmp_path, mlflow_uri):
         assert sorted(float(c.data.params["tma.w_local"]) for c in children) == [0.5, 1.0]
         for c in children:
             assert [h.step for h in client.get_metric_history(c.info.run_id, "loss/loss")] == [1, 2]
+            assert "eval/valid/zeroshot_mean_auc" in c.data.metrics          # the headline, first on its page
+        note = parent.data.tags["mlflow.note.content"]                        # the sweep's description
+        assert note.startswith(f"**Best trial** {out['best']['trial']}: ") and "| trial | `tma.w_local` |" in note
         mv = client.get_model_version_by_alias("tiny", "best")
         assert mv.tags["trial"] == str(out["best"]["trial"]) and mv.run_id in {c.info.run_id for c in children}
         # a resumed sweep has nothing left to run: no trial reruns, no new checkpoint

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from trainer.augment import _GOLD, M32, hash32
+from trainer.augment import host_params, noise_key
 
 try:  # optional: the PyTorch reference runs without it
     import triton
@@ -73,10 +74,13 @@ def augment(x: torch.Tensor, params: torch.Tensor, window) -> torch.Tensor:
     if x.ndim != 5 or params.shape != (x.shape[0], 7):
         raise ValueError(f"augment: expected x (N,1,X,Y,Z) and params (N,7), got {tuple(x.shape)}, {tuple(params.shape)}")
     n, _, X, Y, Z = x.shape
-    p = params.detach().double().cpu()
-    keys = [((int(hash32(torch.tensor([int(s) & M32]))[0]) + _GOLD) & M32) for s in p[:, 6].tolist()]
-    fparams = p[:, :6].float().contiguous().to(x.device)
-    key_t = torch.tensor(keys, dtype=torch.int64, device=x.device)
+    p = host_params(params)
+    fparams = torch.from_numpy(np.ascontiguousarray(p[:, :6], dtype=np.float32))
+    key_t = torch.tensor([noise_key(s) for s in p[:, 6]], dtype=torch.int64)
+    if x.is_cuda:          # pinned, so the copies queue behind the GPU's work instead of waiting for it
+        fparams, key_t = (t.pin_memory().to(x.device, non_blocking=True) for t in (fparams, key_t))
+    else:
+        fparams, key_t = fparams.to(x.device), key_t.to(x.device)
     out = torch.empty((n, 1, X, Y, Z), dtype=torch.float32, device=x.device)
     grid = (n, math.ceil(X * Y * Z / BLOCK))
     _augment_kernel[grid](x.contiguous(), out, fparams, key_t, X, Y, Z, float(window[0]),

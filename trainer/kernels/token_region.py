@@ -1,6 +1,6 @@
 """Fused token-region similarity (Triton), forward and backward.
 
-Reference: ``trainer.losses.tma.token_region_similarity_reference``. For image i, report t and
+Reference: ``trainer.losses.tma.token_cosines_reference``. For image i, report t and
 token l, with regions r_n (N x D) and the token q (D):
 
     a = softmax_n(q . r_n / tau),  c = sum_n a_n r_n,  s[i,t,l] = cos(c, q)

@@ -32,11 +32,14 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_min(x: int) -> int:
-    """The smallest of an integer over ranks (no gradient): equal batch sizes for the gathers."""
-    t = torch.tensor([int(x)])
+    """The smallest of a host integer over ranks (no gradient): equal batch sizes for the gathers.
+    A CPU tensor, so with the ``cpu:gloo,cuda:nccl`` group (``trainer.pretrain``) it goes through gloo
+    and never waits on the GPU's queue."""
     _, ws = world()
-    if ws > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    if ws == 1:
+        return int(x)
+    t = torch.tensor([int(x)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 
 

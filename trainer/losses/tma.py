@@ -1,5 +1,6 @@
 """Text-informed Multi-view Alignment (TMA). Design and rationale: docs/design.md.
 
+The whole objective, which combines these terms, is ``trainer.losses.objective.T3DLoss``.
 Switchable terms (weights in ``tma``):
   clip         global volume <-> report InfoNCE (losses/clip.py)
   sentence     each report sentence <-> the volume (losses/sentence.py; not part of TMA: applies
@@ -55,10 +56,6 @@ def pool_tokens(s: torch.Tensor, token_mask: torch.Tensor, pool: str = "mean", g
     return torch.logsumexp(s, dim=-1) / gamma
 
 
-def token_region_similarity_reference(regions, tokens, token_mask, attn_temperature, pool="mean", gamma=5.0):
-    return pool_tokens(token_cosines_reference(regions, tokens, attn_temperature), token_mask, pool, gamma)
-
-
 def local_alignment_loss(view_regions: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
                          cfg: TMAConfig) -> torch.Tensor:
     """view_regions (B,V,N,D): InfoNCE over token-region similarities, averaged over views. Ranks
@@ -86,7 +83,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
     over the global batch (sums are all-reduced across ranks)."""
     q = torch.exp((scores.float() - scores.float().max()) / epsilon).t()    # (K,B)
     k = q.shape[0]
-    b = all_reduce_sum(torch.tensor([float(q.shape[1])], device=q.device)).item()
+    b = all_reduce_sum(q.new_full((1,), float(q.shape[1])))              # the global batch, kept on the device
     q = q / all_reduce_sum(q.sum().reshape(1)).clamp_min(1e-30)
     for _ in range(iters):
         q = q / all_reduce_sum(q.sum(1, keepdim=True)).clamp_min(1e-30) / k
@@ -111,37 +108,3 @@ def consistency_loss(view_scores: torch.Tensor, cfg: TMAConfig) -> tuple[torch.T
     p_mean = logp.exp().mean((0, 1))
     entropy = -(p_mean * p_mean.clamp_min(1e-12).log()).sum()
     return total / n, entropy.detach()
-
-
-class T3DLoss:
-    """Combines the terms from a model output dict; returns (total, {term: value})."""
-
-    def __init__(self, cfg: TMAConfig):
-        self.cfg = cfg
-
-    def __call__(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        c = self.cfg
-        terms: dict[str, torch.Tensor] = {}
-        total = torch.zeros((), device=out["img"].device)
-        if c.w_clip > 0:
-            terms["clip"] = clip_loss(out["img"], out["txt"], out["logit_scale"])
-            total = total + c.w_clip * terms["clip"]
-        if c.w_sentence > 0:
-            if "sentences" not in out:
-                raise ValueError("tma.w_sentence > 0 but the model gave no sentence embeddings (model.text_unit=sentence?)")
-            terms["sentence"] = sentence_loss(out["img"], out["sentences"], out["sentence_mask"], out["logit_scale"],
-                                             out.get("negations"), out.get("negation_mask"))
-            total = total + c.w_sentence * terms["sentence"]
-        if c.enabled and "view_regions" in out:
-            vr, tok, tm = out["view_regions"], out["tokens"], out["token_mask"]
-            if c.w_local > 0:
-                terms["local"] = local_alignment_loss(vr, tok, tm, c)
-                total = total + c.w_local * terms["local"]
-            if c.w_consistency > 0 and "view_scores" in out:
-                terms["consistency"], ent = consistency_loss(out["view_scores"], c)
-                total = total + c.w_consistency * terms["consistency"]
-                terms["proto_entropy"] = ent
-        logs = {k: float(v.detach()) for k, v in terms.items()}
-        logs["loss"] = float(total.detach())
-        logs["temperature"] = float(1.0 / out["logit_scale"].detach())
-        return total, logs

@@ -149,7 +149,8 @@ class T3D(nn.Module):
         img, _ = self.encode_image(image)
         per_sentence = self.tcfg.w_sentence > 0
         txt, tokens, tmask, *sent = self.encode_text(input_ids, attention_mask, sentences=per_sentence)
-        tokens, tmask = pack_tokens(tokens, tmask)
+        if input_ids.ndim == 3:         # sentences: mostly padding, packed (its size is read from the mask)
+            tokens, tmask = pack_tokens(tokens, tmask)
         out = {"img": img, "txt": txt, "tokens": tokens, "token_mask": tmask,
                "logit_scale": self.logit_scale.clamp(0, math.log(100.0)).exp()[0]}
         if per_sentence:

@@ -55,7 +55,11 @@ class TextEncoder(nn.Module):
         self.pool = cfg.text_pool
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # the additive (B,1,1,L) mask BERT would build: given ready, transformers skips its check of
+        # whether any token is padded (``padding_mask.all()``, a host sync on every step)
+        dtype = self.bert.get_input_embeddings().weight.dtype
+        bias = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        h = self.bert(input_ids=input_ids, attention_mask=bias).last_hidden_state
         if self.pool == "cls":
             return h[:, 0], h
         m = attention_mask.to(h.dtype).unsqueeze(-1)
