@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import TMAConfig
-from trainer.losses.clip import clip_loss, contrastive_from_logits
+from trainer.losses.clip import contrastive_from_logits
 from trainer.losses.dist import all_reduce_min, all_reduce_sum, gather_with_grad
-from trainer.losses.sentence import sentence_loss
 
 
 def token_region_similarity(regions: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
