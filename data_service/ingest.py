@@ -162,7 +162,7 @@ def _done(spec: dict[str, Any], out: str) -> dict[str, Any] | None:
         return None
     if side.get("plan") != spec["plan_hash"] or side.get("bytes") != storage.size(tar_p):
         return None
-    if sh.sha256_file(tar_p) != side.get("sha256"):
+    if storage.sha256(tar_p) != side.get("sha256"):
         return None
     return side
 

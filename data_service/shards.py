@@ -187,12 +187,6 @@ def write_shard(path: str | Path, samples: list[dict[str, Any]]) -> dict[str, An
     return {"path": storage.name(path), "n": len(samples), "sha256": hashed.h.hexdigest(), "bytes": hashed.n}
 
 
-def sha256_file(path: str | Path) -> str:
-    from common import storage
-
-    return storage.sha256(path)
-
-
 def iter_raw(path: str | Path) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard, in file order (webdataset's tar grouping), streamed from local
     disk or an object store (``common.storage``)."""

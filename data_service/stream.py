@@ -27,10 +27,10 @@ trains on which sample is not reproducible and an exact resume cannot be proven 
 """
 from __future__ import annotations
 
+import functools
 import json
 import tarfile
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -262,7 +262,22 @@ class _Started(threading.Thread):
         getattr(self.it, "close", lambda: None)()
 
 
-_DECODERS: "OrderedDict[tuple, DecodeCrop]" = OrderedDict()
+class _ByRepr:
+    """``obj`` hashed and compared by its repr (a config dataclass is not hashable)."""
+
+    def __init__(self, obj):
+        self.obj, self.key = obj, repr(obj)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _ByRepr) and other.key == self.key
+
+
+@functools.lru_cache(maxsize=4)
+def _decoder(data: _ByRepr, tokenizer_dir: str, seed: int, text_unit: str) -> "DecodeCrop":
+    return DecodeCrop(data.obj, tokenizer_dir, seed, text_unit)
 
 
 def decode_crop(batch: dict[str, np.ndarray], data: DataConfig, tokenizer_dir: str, seed: int,
@@ -270,10 +285,4 @@ def decode_crop(batch: dict[str, np.ndarray], data: DataConfig, tokenizer_dir: s
     """Ray Data task: ``DecodeCrop`` on one batch, built once per worker process and configuration
     (the task pool reuses processes across chunks, so a tokenizer is loaded once per process, not
     per batch; the last 4 configurations are kept, for sweeps whose trials share processes)."""
-    key = (repr(data), tokenizer_dir, seed, text_unit)
-    if key not in _DECODERS:
-        _DECODERS[key] = DecodeCrop(data, tokenizer_dir, seed, text_unit)
-        while len(_DECODERS) > 4:
-            _DECODERS.popitem(last=False)
-    _DECODERS.move_to_end(key)
-    return _DECODERS[key](batch)
+    return _decoder(_ByRepr(data), tokenizer_dir, seed, text_unit)(batch)

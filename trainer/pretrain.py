@@ -20,10 +20,10 @@ if TYPE_CHECKING:
     from common.config import Config
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from common import storage
@@ -78,28 +78,39 @@ def prepare_tokenizer(cfg: Config, run_dir: str | Path) -> str:
     return out
 
 
-def mlflow_run(cfg: Config, run_dir: str, waits: tuple[float, ...] = (10.0, 30.0, 60.0),
+def mlflow_run(cfg: Config, run_dir: str, retries: int = 5,
                preset: str | None = None) -> tuple[str | None, str | None]:
     """(tracking uri, run id); the id is kept in the run folder so resumes log to the same run.
     A new run starts with its description (``trainer.dashboard``; ``preset``: the YAML it came from)
-    in a model-training experiment.
-    An MLflow server that does not answer is retried after each of ``waits`` seconds; then the run
+    in a model-training experiment. An MLflow server that does not answer is retried by MLflow's own
+    client (``retries`` times, exponential backoff from 2 s: about a minute for 5); then the run
     trains untracked (a warning says so) rather than not at all."""
     uri = cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return None, None
-    for wait in (*waits, None):
+    with _environ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}):
         try:
             return _mlflow_run(cfg, run_dir, uri, preset)
         except Exception as e:  # noqa: BLE001 - MLflow's errors are many (HTTP, timeouts, REST)
-            if wait is None:
-                print(f"[t3d] WARNING: MLflow at {uri} did not answer ({type(e).__name__}: {str(e)[:200]}); "
-                      "training WITHOUT tracking. Metrics are still printed and saved with each checkpoint.",
-                      flush=True)
-                return None, None
-            print(f"[t3d] MLflow at {uri} did not answer ({type(e).__name__}); retrying in {wait:.0f} s", flush=True)
-            time.sleep(wait)
-    return None, None
+            print(f"[t3d] WARNING: MLflow at {uri} did not answer ({type(e).__name__}: {str(e)[:200]}); "
+                  "training WITHOUT tracking. Metrics are still printed and saved with each checkpoint.", flush=True)
+            return None, None
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """``values`` in os.environ for the block (MLflow reads its retry settings at each request); the
+    Tracker's processes keep their own, fewer, outside it (``trainer.tracking``)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _mlflow_run(cfg: Config, run_dir: str, uri: str, preset: str | None = None) -> tuple[str, str]:
@@ -116,23 +127,15 @@ def _mlflow_run(cfg: Config, run_dir: str, uri: str, preset: str | None = None) 
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id          # nested under a sweep
     run = client.create_run(exp_id, run_name=cfg.train.run_name, tags=tags)
-    flat = _flatten(cfg.to_dict())
+    from ray.tune.utils import flatten_dict
+
+    flat = flatten_dict(cfg.to_dict(), delimiter=".")
     for i in range(0, len(flat), 100):
         from mlflow.entities import Param
 
         client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in list(flat.items())[i:i + 100]])
     storage.write_text(id_file, run.info.run_id)
     return uri, run.info.run_id
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def init_ray(cfg: Config) -> None:
