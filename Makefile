@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DEMO ?= demo
 STORAGE ?= local
 SEED ?= 0
+GENERATOR ?= synth
+EXTERNAL ?=
 PYTEST_ARGS ?=
 
 .PHONY: install test test-fast demo demo-clean science science-targets sweep-demo up down status bench clean
@@ -26,6 +28,8 @@ test: install
 	@command -v java >/dev/null || echo "warning: no Java runtime on PATH: METEOR (report generation) cannot run; its tests are skipped"
 	@command -v sshd >/dev/null && command -v rsync >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server rsync) \
 	  || echo "warning: no sshd or rsync (apt-get install openssh-server rsync): the cluster launcher test is skipped"
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  || echo "warning: no Chromium (apt-get install chromium): the MLflow dashboard test (tests/evaluators/test_dashboard.py) is skipped"
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install
@@ -39,9 +43,12 @@ wheel: install
 demo: install
 	$(BIN)/python -m cluster.demo --dir $(DEMO) --storage $(STORAGE)
 
-# does pretraining learn? CLIP-only vs CLIP+TMA on phantoms, one seed (make science SEED=1 for another)
+# does pretraining learn? CLIP-only vs CLIP+TMA on phantoms, one seed (make science SEED=1 for another).
+# EXTERNAL=synth_ext also scores on a second generator's set, both ways round: train on GENERATOR, score
+# GENERATOR + EXTERNAL; then train on EXTERNAL, score EXTERNAL + GENERATOR (twice the runtime)
 science: install
-	$(BIN)/python -m cluster.science --seed $(SEED)
+	$(BIN)/python -m cluster.science --seed $(SEED)$(if $(EXTERNAL), --generator $(GENERATOR) --external $(EXTERNAL))
+	$(if $(filter-out $(GENERATOR),$(EXTERNAL)),$(BIN)/python -m cluster.science --seed $(SEED) --generator $(EXTERNAL) --external $(GENERATOR))
 
 # issue #9's targets over every seed `make science` has run (runs/science-s*.json), each met or not
 science-targets: install

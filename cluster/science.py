@@ -1,6 +1,7 @@
 """`make science`: does pretraining learn? CLIP-only vs CLIP+TMA on phantoms, through the real trainer.
 
     python -m cluster.science [--seed 0] [--n 1200] [--data-seed 0] [--steps N] [--out runs]
+    python -m cluster.science --generator synth --external synth_ext [--external-data-seed S]   # + external
 
 1. phantoms (``data_service.synth``, held-out reports in the second wording bank) and ingest with
    ``configs/phantom.yaml``, once per data seed (``data/phantom-d{data_seed}/``);
@@ -15,12 +16,20 @@
    held-out phantoms with CT-RATE's prompts and with the prompt ensemble, linear probes of the image
    and of the report embeddings, retrieval; the per-label table with bootstrap 95% CIs, and the
    paired bootstrap CI of the AUC difference (TMA - CLIP) per label.
-Results: ``{out}/science-s{seed}.json`` and the printed table.
+4. with ``--external GENERATOR``: a second phantom set from ``data_service.<GENERATOR>`` (same CLI and
+   CT-RATE layout; ``--external-data-seed``, default the data seed, or the next one when it is the
+   training generator) is ingested the same way, and both checkpoints are scored on it too, by the
+   evaluators' external protocol (its own valid/test/train splits): the same tables for it, and the
+   in-distribution and external figures side by side. ``make science EXTERNAL=synth_ext`` runs it both
+   ways round (train on synth, score synth + synth_ext; train on synth_ext, score synth_ext + synth).
+Results: ``{out}/science-s{seed}.json`` (training on ``synth``; ``science-{generator}-s{seed}.json``
+on another generator) and the printed table.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -41,6 +50,9 @@ SMALL = ("Lung nodule", "Arterial wall calcification")
 TEXT_CORPUS = REPO.parent / "shared" / "realdata" / "ctclip_reports" / "train.csv"
 TEXT_KEYS = ("model.flavour", "model.text_", "model.vocab_size", "data.max_")  # overrides that shape the tower
 MLM_VOCAB = 3000   # WordPiece words for the MLM tower: the real-report corpus has more words than the flavour's 1000
+GENERATORS = ("synth", "synth_ext")   # phantom generators: data_service.<name>, one CLI (--out --n --seed ...)
+SIDE_BY_SIDE = ("zeroshot/mean_auc", "zeroshot/mean_f1", "probe/mean_auc", "probe/report/mean_auc",
+                "retrieval/i2t_R@1", "retrieval/t2i_R@1", "retrieval/i2t_R@10")
 
 
 def sh(cmd: list[str]) -> None:
@@ -50,11 +62,22 @@ def sh(cmd: list[str]) -> None:
         raise SystemExit(f"science: step failed (exit {r.returncode}): {' '.join(cmd)}")
 
 
-def prepare_data(root: Path, n: int, data_seed: int) -> Path:
+def set_name(generator: str) -> str:
+    """The folder stem of a generator's phantom sets and runs (``phantom`` for ``synth``, as before)."""
+    return "phantom" if generator == "synth" else generator
+
+
+def check_generator(generator: str) -> None:
+    if importlib.util.find_spec(f"data_service.{generator}") is None:
+        raise SystemExit(f"science: phantom generator data_service.{generator} not found "
+                         f"(--generator/--external: one of {list(GENERATORS)} that is installed)")
+
+
+def prepare_data(root: Path, n: int, data_seed: int, generator: str = "synth") -> Path:
     raw, shards = root / "raw", root / "shards"
     py = sys.executable
     if not (raw / "metadata").is_dir():
-        sh([py, "-m", "data_service.synth", "--out", str(raw), "--n", str(n), "--seed", str(data_seed),
+        sh([py, "-m", f"data_service.{generator}", "--out", str(raw), "--n", str(n), "--seed", str(data_seed),
             "--valid-fraction", "0.3333", "--workers", str(os.cpu_count() or 1)])
     sh([py, "-m", "data_service.ingest", "--source", "ctrate", "--input", str(raw), "--out", str(shards),
         "--config", str(CONFIG), "--no-progress"])
@@ -93,16 +116,16 @@ def text_mlm(shards: Path, out: Path, steps: int, corpora: list[str], overrides:
     return folder
 
 
-def train(variant: str, shards: Path, out: Path, seed: int, extra: list[str]) -> Path:
+def train(variant: str, shards: Path, out: Path, seed: int, extra: list[str], stem: str = "phantom") -> Path:
     sets = {"clip": ["tma.enabled=false"], "tma": ["tma.enabled=true"]}[variant]
     cmd = [sys.executable, "-m", "trainer.pretrain", "--config", str(CONFIG), "--set", f"data.shards={shards}",
-           "--set", f"train.output_dir={out / f'phantom-{variant}'}", "--set", f"train.run_name=s{seed}",
+           "--set", f"train.output_dir={out / f'{stem}-{variant}'}", "--set", f"train.run_name=s{seed}",
            "--set", f"train.seed={seed}"]
     for s in sets + extra:
         cmd += ["--set", s]
     t = time.time()
     sh(cmd)
-    run_dir = out / f"phantom-{variant}" / f"s{seed}"
+    run_dir = out / f"{stem}-{variant}" / f"s{seed}"
     (run_dir / "science_train_seconds").write_text(f"{time.time() - t:.0f}\n")
     return run_dir
 
@@ -148,9 +171,9 @@ def paired_delta(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int, seed:
     return float(d), float(lo), float(hi)
 
 
-def table(res: dict, n_boot: int, seed: int) -> tuple[str, dict]:
+def table(res: dict, n_boot: int, seed: int, where: str = "held-out phantoms") -> tuple[str, dict]:
     """The per-label tables for the variants in ``res`` (CLIP, CLIP+TMA or both; the paired delta
-    when both are there)."""
+    when both are there), scored on ``where``."""
     from sklearn.metrics import roc_auc_score
 
     from common.labels import FINDINGS
@@ -162,7 +185,7 @@ def table(res: dict, n_boot: int, seed: int) -> tuple[str, dict]:
     y = np.array(res[vs[0]]["labels"])
     lines, summary = [], {}
     for prompts in ("single", "ensemble"):
-        lines.append(f"\nzero-shot AUC on held-out phantoms ({prompts} prompts; {len(y)} test studies; "
+        lines.append(f"\nzero-shot AUC on {where} ({prompts} prompts; {len(y)} test studies; "
                      f"95% bootstrap CI" + ("; delta = TMA - CLIP, paired bootstrap)" if both else ")"))
         lines.append(f"{'finding':30s} " + " ".join(f"{name[v]:>22s}" for v in vs) + (f" {'delta':>24s}" if both else ""))
         per = {}
@@ -178,7 +201,7 @@ def table(res: dict, n_boot: int, seed: int) -> tuple[str, dict]:
         mean = {v: float(np.mean([per[f][v][0] for f in PLANTED])) for v in vs}
         lines.append(f"{'mean (8 planted)':30s} " + " ".join(f"{mean[v]:6.3f} {'':15s}" for v in vs))
         summary[prompts] = {"per_label": per, "mean": mean}
-    lines.append(f"\nother scores (test split)              " + "  ".join(f"{name[v]:>8s}" for v in vs))
+    lines.append("\nother scores (test split)              " + "  ".join(f"{name[v]:>8s}" for v in vs))
     for key in ("probe/mean_auc", "probe/report/mean_auc", "retrieval/i2t_R@1", "retrieval/t2i_R@1",
                 "retrieval/i2t_R@10"):
         lines.append(f"{key:38s} " + "  ".join(f"{res[v]['metrics'].get(key, float('nan')):8.3f}" for v in vs))
@@ -198,6 +221,27 @@ def table(res: dict, n_boot: int, seed: int) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+def side_by_side(internal: dict, external: dict, summary: dict, ext_summary: dict,
+                 names: tuple[str, str]) -> tuple[str, dict]:
+    """In-distribution and external figures per variant, one row per headline (``internal`` and
+    ``external``: ``score`` results by variant; the summaries: ``table``'s)."""
+    vs = [v for v in ("clip", "tma") if v in internal and v in external]
+    label = {"clip": "CLIP", "tma": "CLIP+TMA"}
+    rows: dict[str, dict] = {}
+    for prompts in ("single", "ensemble"):
+        rows[f"zero-shot mean AUC, 8 planted ({prompts})"] = {
+            v: (summary[prompts]["mean"][v], ext_summary[prompts]["mean"][v]) for v in vs}
+    for key in SIDE_BY_SIDE:
+        rows[key] = {v: (internal[v]["metrics"].get(key, float("nan")), external[v]["metrics"].get(key, float("nan")))
+                     for v in vs}
+    head = "".join(f"  {label[v] + ' ' + n:>22s}" for v in vs for n in ("in-dist", "external"))
+    lines = [f"\nin-distribution ({names[0]}) and external ({names[1]}), test splits", f"{'':42s}{head}"]
+    for row, vals in rows.items():
+        lines.append(f"{row:42s}" + "".join(f"  {x:22.3f}" for v in vs for x in vals[v]))
+    out = {row: {v: {"internal": a, "external": b} for v, (a, b) in vals.items()} for row, vals in rows.items()}
+    return "\n".join(lines), out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cluster.science", description=__doc__.split("\n")[0])
     p.add_argument("--seed", type=int, default=0, help="training seed (init, data order, augmentation)")
@@ -215,10 +259,29 @@ def main(argv: list[str] | None = None) -> int:
                         f"(repeatable; default {os.path.relpath(TEXT_CORPUS, REPO)}, real CT-RATE reports)")
     p.add_argument("--only", choices=["clip", "tma", "none"], default=None,
                    help="train one variant, or none (scores whichever has a checkpoint)")
+    p.add_argument("--generator", choices=GENERATORS, default="synth",
+                   help="the phantom generator trained on (data_service.<generator>)")
+    p.add_argument("--external", choices=GENERATORS, default=None,
+                   help="also score both checkpoints on a set from this generator (external validation)")
+    p.add_argument("--external-data-seed", type=int, default=None,
+                   help="the external set's seed (default: --data-seed, or the next one for the training generator)")
     a = p.parse_args(argv)
+    for g in (a.generator, a.external):
+        if g is not None:
+            check_generator(g)
+    ext_seed = a.external_data_seed if a.external_data_seed is not None else (
+        a.data_seed + 1 if a.external == a.generator else a.data_seed)
+    if a.external == a.generator and ext_seed == a.data_seed:
+        raise SystemExit(f"science: the external set is the training set ({a.generator}, seed {ext_seed}); "
+                         "give another --external-data-seed")
     t0 = time.time()
     out = (REPO / a.out).resolve()
-    shards = prepare_data((REPO / a.data / f"phantom-d{a.data_seed}-n{a.n}").resolve(), a.n, a.data_seed)
+    stem = set_name(a.generator)
+    shards = prepare_data((REPO / a.data / f"{stem}-d{a.data_seed}-n{a.n}").resolve(), a.n, a.data_seed, a.generator)
+    ext_shards = None
+    if a.external:
+        ext_shards = prepare_data((REPO / a.data / f"{set_name(a.external)}-d{ext_seed}-n{a.n}").resolve(), a.n,
+                                  ext_seed, a.external)
     t_data = time.time() - t0
     overrides, tower = list(a.overrides), None
     if any(parse_override(o)[0] == "model.text_encoder" for o in overrides):
@@ -230,22 +293,35 @@ def main(argv: list[str] | None = None) -> int:
     t_text = time.time() - t0 - t_data
     runs = {}
     for v in ("clip", "tma"):
-        runs[v] = (train(v, shards, out, a.seed, overrides) if a.only in (None, v)
-                   else out / f"phantom-{v}" / f"s{a.seed}")
+        if a.only in (None, v):
+            runs[v] = train(v, shards, out, a.seed, overrides, stem)
+        else:
+            runs[v] = out / f"{stem}-{v}" / f"s{a.seed}"
     t_train = time.time() - t0 - t_data - t_text
     res = {v: score(ck, shards) for v, d in runs.items() if (ck := last_export(d)) is not None}
     if not res:
-        raise SystemExit(f"science: no exported checkpoint under {out}/phantom-{{clip,tma}}/s{a.seed}")
+        raise SystemExit(f"science: no exported checkpoint under {out}/{stem}-{{clip,tma}}/s{a.seed}")
     text, summary = table(res, a.bootstrap, a.seed)
     print(text)
-    report = {"seed": a.seed, "data_seed": a.data_seed, "n": a.n, "overrides": overrides,
+    external = None
+    if ext_shards is not None:
+        res_ext = {v: score(Path(r["checkpoint"]), ext_shards) for v, r in res.items()}
+        ext_text, ext_summary = table(res_ext, a.bootstrap, a.seed, f"external {a.external} phantoms (seed {ext_seed})")
+        both_text, both = side_by_side(res, res_ext, summary, ext_summary, (a.generator, a.external))
+        print(ext_text + "\n" + both_text)
+        external = {"generator": a.external, "data_seed": ext_seed, "n": a.n, "shards": str(ext_shards),
+                    "summary": ext_summary, "metrics": {v: r["metrics"] for v, r in res_ext.items()},
+                    "metrics_ensemble": {v: r["metrics_ensemble"] for v, r in res_ext.items()},
+                    "side_by_side": both}
+    report = {"seed": a.seed, "data_seed": a.data_seed, "n": a.n, "generator": a.generator, "overrides": overrides,
               "seconds": {"data": round(t_data), "text_mlm": round(t_text), "train_both": round(t_train), "total": round(time.time() - t0)},
               "text_mlm": None if tower is None else {"folder": str(tower),
                                                       **json.loads((tower / "text_mlm.json").read_text())},
               "summary": summary, "metrics": {v: r["metrics"] for v, r in res.items()},
               "metrics_ensemble": {v: r["metrics_ensemble"] for v, r in res.items()},
-              "checkpoints": {v: r["checkpoint"] for v, r in res.items()}}
-    path = out / f"science-s{a.seed}.json"
+              "checkpoints": {v: r["checkpoint"] for v, r in res.items()}, "external": external}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (f"science-s{a.seed}.json" if a.generator == "synth" else f"science-{a.generator}-s{a.seed}.json")
     path.write_text(json.dumps(report, indent=1))
     print(f"\ndata {t_data:.0f} s, text MLM {t_text:.0f} s, both trainings {t_train:.0f} s, total {time.time() - t0:.0f} s -> {path}")
     return 0

@@ -1,9 +1,10 @@
 """Continuous evaluation: a Ray actor scores each new checkpoint of a run, once per task.
 
     python -m evaluators.actor --run-dir RUN --data SHARDS [--tasks all] [--follow] [--registry-name t3d]
+    python -m evaluators.actor --run-dir RUN --data ct=SHARDS --data ext=s3://bucket/ext   # + an external set
 
-The ledger (``{run_dir}/eval_ledger.jsonl``, one line per checkpoint x task) makes the work
-idempotent: a restarted evaluator skips what is recorded and redoes nothing. The actor has its own
+The ledger (``{run_dir}/eval_ledger.jsonl``, one line per checkpoint x task, an external dataset's
+tasks as ``external/<name>/<task>``) makes the work idempotent: a restarted evaluator skips what is recorded and redoes nothing. The actor has its own
 CPUs (``eval.cpus``) and ``max_restarts=-1``: if it crashes, Ray restarts it and the watcher calls
 it again, without touching the trainers.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common import storage
+from common.metric_names import external_key
 
 
 class Ledger:
@@ -54,9 +56,13 @@ class Ledger:
         storage.append_text(self.path, json.dumps({**rec, "time": time.time()}) + "\n")
 
     def record(self, checkpoint: str, task: str, step: int, metrics: dict[str, float],
-               error: str | None = None, mlflow_run_id: str | None = None, logged: bool | None = None) -> None:
+               error: str | None = None, mlflow_run_id: str | None = None, logged: bool | None = None,
+               dataset: str | None = None, shards: str | None = None) -> None:
+        """``task``: the task, or ``external/<dataset>/<task>`` on an external dataset (whose name and
+        location are recorded too; an internal line is as before)."""
+        ext = {"dataset": dataset, "shards": shards} if dataset else {}
         self._append({"checkpoint": checkpoint, "task": task, "step": step, "metrics": metrics, "error": error,
-                      "mlflow_run_id": mlflow_run_id, "logged": logged})
+                      "mlflow_run_id": mlflow_run_id, "logged": logged, **ext})
 
     def mark_logged(self, checkpoint: str, task: str) -> None:
         self._append({"checkpoint": checkpoint, "task": task, "event": "logged"})
@@ -81,17 +87,21 @@ def publish_dir(local: Path, dest: str) -> None:
         storage.upload_dir(local, dest)
 
 
-def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None,
+def evaluate_pending(run_dir: str, shards: str | dict[str, str], tasks: list[str], mlflow_uri: str | None,
                      every_n: int = 1, best_metric: str | None = None, registry_name: str | None = None,
                      before_task: Callable[[Path, str], None] | None = None) -> list[dict[str, Any]]:
-    """Score every (checkpoint, task) not in the ledger; returns what was newly scored.
+    """Score every (checkpoint, task) not in the ledger, on every dataset; returns what was newly scored.
+
+    ``shards``: one shard location, or ``eval.datasets`` (name -> shards; the first is the internal
+    set, the others score as ``external/<name>/<task>``). On an external dataset any error is recorded
+    as that (checkpoint, task)'s result and the other datasets carry on (a missing dataset is the
+    CLIs' and ``EvalThread``'s ``check_datasets``, before any scoring).
 
     Each result goes to the ledger, to ``step_X/eval/`` (tables, ROC curves) and, with a tracking
     URI, to the checkpoint's MLflow run at its training step. After new results, the metric-over-
     checkpoints plot is refreshed and the best checkpoint on ``best_metric`` registered.
     ``before_task(checkpoint, task)`` runs before each task (tests inject faults with it)."""
     from evaluators import scoring
-    from evaluators.artifacts import log_result, write_artifacts
 
     # fail fast when MLflow is down (its client otherwise retries for minutes); the ledger keeps it
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -102,40 +112,68 @@ def evaluate_pending(run_dir: str, shards: str, tasks: list[str], mlflow_uri: st
     if mlflow_uri:
         run_id = send_unlogged(run_dir, ledger, mlflow_uri)
 
-    def failed(ck: str, task: str, e: Exception) -> None:
-        ledger.record(storage.name(ck), task, -1, {}, error=f"{type(e).__name__}: {e}"[:500])
-        new.append({"checkpoint": storage.name(ck), "task": task, "step": None, "error": str(e)[:200]})
+    datasets = list(scoring.as_datasets(shards).items())
+
+    def failed(ck: str, job: str, e: Exception, ds: tuple[str, str] | None = None) -> None:
+        where = f"external dataset {ds[0]!r} ({ds[1]}): " if ds else ""
+        ledger.record(storage.name(ck), job, -1, {}, error=f"{type(e).__name__}: {where}{e}"[:500],
+                      dataset=ds[0] if ds else None, shards=ds[1] if ds else None)
+        new.append({"checkpoint": storage.name(ck), "task": job, "step": None, "error": f"{where}{e}"[:200]})
 
     for ck in ready_checkpoints(run_dir, every_n):
-        sc, name = None, storage.name(ck)      # loaded once, for this checkpoint's first pending task
-        for task in [t for t in tasks if (name, t) not in done]:
-            if before_task is not None:
-                before_task(ck, task)
-            try:
-                sc = sc or scoring.Scoring(ck, shards, tasks=tasks)
-                r = sc.score([task])
-            except (ValueError, FileNotFoundError) as e:
-                # a split/label/mask missing, or the checkpoint rotated away (train.keep_checkpoints):
-                # recorded with its reason, not retried forever
-                if isinstance(e, FileNotFoundError) and storage.exists(ck):
-                    raise
-                failed(ck, task, e)
-                continue
-            art = write_artifacts(r, eval_dir(run_dir, name))
-            publish_dir(art, storage.join(ck, "eval"))
-            logged = None
-            if mlflow_uri and r["mlflow_run_id"]:
+        base, name = None, storage.name(ck)      # loaded once, for this checkpoint's first pending task
+        for i, (ds, ds_shards) in enumerate(datasets):
+            external = i > 0
+            sc = None                            # this dataset's view of the checkpoint (own split cache)
+            for task in tasks:
+                job = external_key(ds, task) if external else task
+                if (name, job) in done:
+                    continue
+                if before_task is not None:
+                    before_task(ck, job)
                 try:
-                    log_result(mlflow_uri, r, art)
-                    logged, run_id = True, r["mlflow_run_id"]
-                except Exception as e:  # noqa: BLE001 - MLflow down: the ledger keeps it; sent when it is back
-                    logged = False
-                    print(f"[eval] MLflow unreachable ({type(e).__name__}); {name} {task} kept for later", flush=True)
-            ledger.record(name, task, int(r["step"]), r["metrics"], mlflow_run_id=r["mlflow_run_id"], logged=logged)
-            new.append({"checkpoint": name, "task": task, "step": r["step"]})
+                    base = base or scoring.Scoring(ck, datasets[0][1], tasks=tasks)
+                    sc = sc or (base.on(ds_shards, ds) if external else base)
+                    r = sc.score([task])
+                except Exception as e:
+                    if external:                 # one bad external dataset never stops the others
+                        failed(ck, job, e, (ds, ds_shards))
+                        continue
+                    if not isinstance(e, (ValueError, FileNotFoundError)):
+                        raise
+                    # a split/label/mask missing, or the checkpoint rotated away (train.keep_checkpoints):
+                    # recorded with its reason, not retried forever
+                    if isinstance(e, FileNotFoundError) and storage.exists(ck):
+                        raise
+                    failed(ck, job, e)
+                    continue
+                logged = _publish(run_dir, ck, name, r, mlflow_uri, job)
+                if logged:
+                    run_id = r["mlflow_run_id"]
+                ledger.record(name, job, int(r["step"]), r["metrics"], mlflow_run_id=r["mlflow_run_id"],
+                              logged=logged, dataset=ds if external else None,
+                              shards=ds_shards if external else None)
+                new.append({"checkpoint": name, "task": job, "step": r["step"]})
     if (new or run_id) and mlflow_uri and run_id:
         publish_run_summary(run_dir, ledger, mlflow_uri, run_id, best_metric, registry_name)
     return new
+
+
+def _publish(run_dir: str, ck: str, name: str, r: dict, mlflow_uri: str | None, job: str) -> bool | None:
+    """Artifacts to ``step_X/eval/``, metrics and artifacts to MLflow: True sent, False MLflow down
+    (the ledger keeps it), None nothing to send to."""
+    from evaluators.artifacts import log_result, write_artifacts
+
+    art = write_artifacts(r, eval_dir(run_dir, name))
+    publish_dir(art, storage.join(ck, "eval"))
+    if not (mlflow_uri and r["mlflow_run_id"]):
+        return None
+    try:
+        log_result(mlflow_uri, r, art)
+        return True
+    except Exception as e:  # noqa: BLE001 - MLflow down: the ledger keeps it; sent when it is back
+        print(f"[eval] MLflow unreachable ({type(e).__name__}); {name} {job} kept for later", flush=True)
+        return False
 
 
 def send_unlogged(run_dir: str, ledger: Ledger, uri: str) -> str | None:
@@ -159,11 +197,13 @@ def send_unlogged(run_dir: str, ledger: Ledger, uri: str) -> str | None:
 
 def publish_run_summary(run_dir: str, ledger: Ledger, uri: str, run_id: str, best_metric: str | None,
                         registry_name: str | None) -> None:
-    """Metric-over-checkpoints PNG to ``eval/`` of the run; the best checkpoint to the registry.
-    An MLflow hiccup here is printed, never raised: the scores are already in the ledger."""
+    """Metric-over-checkpoints PNG to ``eval/`` of the run; the best checkpoint to the registry; the
+    run's description (``evaluators.run_note``). An MLflow hiccup here is printed, never raised: the
+    scores are already in the ledger."""
     from mlflow.tracking import MlflowClient
 
     from evaluators.artifacts import plot_over_checkpoints, register_best
+    from evaluators.run_note import refresh_run_note
 
     try:
         records = ledger.results()
@@ -177,6 +217,7 @@ def publish_run_summary(run_dir: str, ledger: Ledger, uri: str, run_id: str, bes
             if reg:
                 print(f"[eval] registered {reg['name']} v{reg['version']}: {reg['checkpoint']} "
                       f"({best_metric}={reg[best_metric]:.4f}), alias 'best'", flush=True)
+        refresh_run_note(MlflowClient(uri), run_id, records, best_metric or "zeroshot/mean_auc", registry_name)
     except Exception as e:  # noqa: BLE001
         print(f"[eval] MLflow summary failed (scores are in the ledger): {type(e).__name__}: {e}", flush=True)
 
@@ -192,7 +233,7 @@ def make_actor(cpus: float, gpus: float = 0.0):
     return Evaluator.remote()
 
 
-def watch(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None, cpus: float = 0.5,
+def watch(run_dir: str, shards: str | dict[str, str], tasks: list[str], mlflow_uri: str | None, cpus: float = 0.5,
           every_n: int = 1, follow: bool = False, poll_s: float = 10.0, max_crashes: int = 5,
           best_metric: str | None = None, registry_name: str | None = None, gpus: float = 0.0,
           before_task: Callable[[Path, str], None] | None = None) -> list[dict[str, Any]]:
@@ -224,15 +265,22 @@ def watch(run_dir: str, shards: str, tasks: list[str], mlflow_uri: str | None, c
 
 class EvalThread:
     """Runs ``watch`` beside a training job in the driver (what ``trainer.pretrain`` starts when
-    ``eval.enabled``; ``eval.watcher`` names it); never raises into the trainer."""
+    ``eval.enabled``; ``eval.watcher`` names it) on every dataset of ``eval.datasets`` (default
+    ``data.shards``). Once running it never raises into the trainer; a dataset that cannot be read
+    stops the launch here, before training and scoring start (ValueError naming it and its location)."""
 
     before_task: Callable[[Path, str], None] | None = None     # tests subclass and set a fault here
 
     def __init__(self, run_dir: str, cfg, mlflow_uri: str | None):
         import threading
 
+        from evaluators.config import eval_datasets
+        from evaluators.scoring import check_datasets
+
         e = cfg.eval
-        self.args = (run_dir, cfg.data.shards, list(e.tasks), mlflow_uri, e.cpus, e.every_n_checkpoints)
+        datasets = eval_datasets(cfg)
+        check_datasets(datasets)
+        self.args = (run_dir, datasets, list(e.tasks), mlflow_uri, e.cpus, e.every_n_checkpoints)
         self.kw = {"best_metric": e.best_metric, "registry_name": e.registry_name or cfg.train.run_name,
                    "gpus": e.gpus, "before_task": self.before_task}
         self.poll_s, self.stop = e.poll_seconds, threading.Event()
@@ -262,26 +310,33 @@ class EvalThread:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m evaluators.actor", description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, action="append", metavar="[NAME=]SHARDS",
+                   help="shards to score on (repeatable: the first is the internal set, every other "
+                        "NAME=SHARDS an external one, scored as external/NAME/...)")
     p.add_argument("--tasks", default="all", help="comma list or 'all'")
     p.add_argument("--every-n", type=int, default=1, help="score every n-th checkpoint")
     p.add_argument("--cpus", type=float, default=0.5)
     p.add_argument("--gpus", type=float, default=0.0, help="GPU share of the evaluator actor")
     p.add_argument("--follow", action="store_true", help="keep watching for new checkpoints")
     p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
-    p.add_argument("--best-metric", default="zeroshot/mean_auc", help="register the best checkpoint on this")
+    p.add_argument("--best-metric", default="zeroshot/mean_auc",
+                   help="register the best checkpoint on this (an external one: external/NAME/zeroshot/mean_auc)")
     p.add_argument("--registry-name", default=None, help="MLflow registered model (default: no registration)")
     a = p.parse_args(argv)
-    import ray
-
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
-    from evaluators.scoring import parse_tasks
+    from evaluators.config import check_best_metric, parse_datasets
+    from evaluators.scoring import check_datasets, parse_tasks
 
     try:
         tasks = parse_tasks(a.tasks)
+        datasets = parse_datasets(a.data)
+        check_best_metric("--best-metric", a.best_metric, list(datasets)[1:])
+        check_datasets(datasets)                # before any scoring: a bad one is named with its location
     except ValueError as e:
         raise SystemExit(str(e)) from e
-    scored = watch(a.run_dir, a.data, tasks, a.mlflow_uri, a.cpus, a.every_n, a.follow,
+    import ray
+
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
+    scored = watch(a.run_dir, datasets, tasks, a.mlflow_uri, a.cpus, a.every_n, a.follow,
                    best_metric=a.best_metric, registry_name=a.registry_name, gpus=a.gpus)
     print(f"[eval] {len(scored)} new (checkpoint, task) results; ledger {storage.join(a.run_dir, 'eval_ledger.jsonl')}")
     return 0

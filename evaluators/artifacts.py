@@ -1,7 +1,8 @@
 """Evaluation artifacts and MLflow: tables, ROC curves, metric-over-checkpoints plot, model registry.
 
 Per checkpoint (``step_X/eval/``): ``metrics.json``, ``zeroshot_auc_table.csv``, ``zeroshot_roc.png``,
-``probe_auc_table.csv``, ``reportgen_samples.json``, ``segmentation_dice_table.csv``; logged to the
+``probe_auc_table.csv``, ``reportgen_samples.json``, ``segmentation_dice_table.csv`` (an external
+dataset's in ``external/<name>/`` below it; ``metrics.json`` holds every dataset's keys); logged to the
 training run under ``eval/step_X/``, the tables also as MLflow tables (``*_table.json``). Per run:
 ``metrics_over_checkpoints.png`` from the ledger (``eval/`` in MLflow), and the checkpoint best on ``eval.best_metric`` registered as a model version
 with the alias ``best`` (its export folder is logged under ``checkpoints/step_X/`` first, so the
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common import storage
+from common.metric_names import EXTERNAL, external_key, mlflow_name, split_external
 
 # what the over-checkpoints plot shows (the per-label curves are in MLflow itself)
 SUMMARY = ("zeroshot/mean_auc", "zeroshot/mean_f1", "retrieval/i2t_R@5", "retrieval/t2i_R@5", "probe/mean_auc",
@@ -24,8 +26,7 @@ SUMMARY = ("zeroshot/mean_auc", "zeroshot/mean_f1", "retrieval/i2t_R@5", "retrie
            "segmentation/random_init/mean_dice")
 
 
-def mlflow_key(k: str) -> str:
-    return k.replace("@", "_at_")
+mlflow_key = mlflow_name          # a task key's name in MLflow (common.metric_names)
 
 
 def _csv(path: Path, rows: list[dict]) -> None:
@@ -60,24 +61,34 @@ def plot_roc(rocs: dict[str, dict], path: Path, title: str) -> None:
 
 def write_artifacts(result: dict[str, Any], out_dir: str | Path) -> Path:
     """Write one checkpoint's results (``score_checkpoint``'s dict) into ``out_dir``; merges metrics
-    with what earlier tasks wrote there."""
+    with what earlier tasks wrote there. An external dataset's tables go to ``external/<name>/``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mpath = out / "metrics.json"
     earlier = json.loads(mpath.read_text()) if mpath.is_file() else {}
     mpath.write_text(json.dumps({"step": result["step"], **earlier, **result["metrics"]}, indent=1))
-    ex = result.get("extras", {})
+    ex, ds = result.get("extras", {}), result.get("dataset")
+    tables = out / _tables_dir(ds)
+    if any(ex.get(k) for k in ("zeroshot_table", "zeroshot_roc", "probe_table", "reportgen_samples",
+                               "segmentation_table")):
+        tables.mkdir(parents=True, exist_ok=True)
     if ex.get("zeroshot_table"):
-        _csv(out / "zeroshot_auc_table.csv", ex["zeroshot_table"])
+        _csv(tables / "zeroshot_auc_table.csv", ex["zeroshot_table"])
     if ex.get("zeroshot_roc"):
-        plot_roc(ex["zeroshot_roc"], out / "zeroshot_roc.png", f"zero-shot ROC, step {result['step']}")
+        plot_roc(ex["zeroshot_roc"], tables / "zeroshot_roc.png",
+                 f"zero-shot ROC, step {result['step']}" + (f", external dataset {ds}" if ds else ""))
     if ex.get("probe_table"):
-        _csv(out / "probe_auc_table.csv", ex["probe_table"])
+        _csv(tables / "probe_auc_table.csv", ex["probe_table"])
     if ex.get("reportgen_samples"):
-        (out / "reportgen_samples.json").write_text(json.dumps(ex["reportgen_samples"], indent=1))
+        (tables / "reportgen_samples.json").write_text(json.dumps(ex["reportgen_samples"], indent=1))
     if ex.get("segmentation_table"):
-        _csv(out / "segmentation_dice_table.csv", ex["segmentation_table"])
+        _csv(tables / "segmentation_dice_table.csv", ex["segmentation_table"])
     return out
+
+
+def _tables_dir(dataset: str | None) -> str:
+    """Where a dataset's tables sit in a checkpoint's ``eval/`` folder ("." for the internal one)."""
+    return f"{EXTERNAL}/{dataset}" if dataset else "."
 
 
 def log_result(uri: str, result: dict[str, Any], art_dir: str | Path | None) -> None:
@@ -97,7 +108,9 @@ def log_result(uri: str, result: dict[str, Any], art_dir: str | Path | None) -> 
         if rows:
             import pandas as pd
 
-            client.log_table(run_id, pd.DataFrame(rows), f"eval/step_{step:07d}/{name}.json")
+            sub = _tables_dir(result.get("dataset"))
+            client.log_table(run_id, pd.DataFrame(rows),
+                             f"eval/step_{step:07d}/{'' if sub == '.' else sub + '/'}{name}.json")
 
 
 def ledger_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
@@ -111,10 +124,17 @@ def ledger_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v.items()) for k, v in series.items()}
 
 
+def external_datasets(keys) -> list[str]:
+    """The external dataset names among metric ``keys``, in order of first appearance."""
+    return list(dict.fromkeys(d for d in (split_external(k)[0] for k in keys) if d))
+
+
 def plot_over_checkpoints(records: list[dict], path: str | Path) -> Path | None:
-    """One panel per summary metric, value against training step; None when nothing is scored."""
+    """One panel per summary metric, value against training step, one line per dataset (internal
+    and each ``external/<name>/``); None when nothing is scored."""
     series = ledger_series(records)
-    keys = [k for k in SUMMARY if k in series]
+    names = external_datasets(series)
+    keys = [k for k in SUMMARY if k in series or any(external_key(d, k) in series for d in names)]
     if not keys:
         return None
     plt = _plt()
@@ -122,10 +142,15 @@ def plot_over_checkpoints(records: list[dict], path: str | Path) -> Path | None:
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, k in zip(axes.flat, keys):
-        s, v = zip(*series[k])
-        ax.plot(s, v, "o-")
+        lines = [("internal", k)] + [(f"external {d}", external_key(d, k)) for d in names]
+        for label, key in lines:
+            if key in series:
+                s, v = zip(*series[key])
+                ax.plot(s, v, "o-" if key == k else "s--", label=label)
         ax.set(title=k, xlabel="training step")
         ax.grid(alpha=0.3)
+        if names:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()

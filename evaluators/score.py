@@ -3,9 +3,13 @@
 
     python -m evaluators.score --checkpoint PATH --data SHARDS [--tasks all|zeroshot,retrieval,...] [--out r.json]
     python -m evaluators.score --run-dir RUN --data SHARDS --mlflow-uri URI   # every checkpoint
+    python -m evaluators.score --checkpoint PATH --data ct=SHARDS --data ext=s3://bucket/ext   # + external
 
 The protocol of each task is in ``evaluators/tasks/`` (zero-shot: thresholds on ``valid``, AUC
-with a bootstrap 95% CI on ``test``).
+with a bootstrap 95% CI on ``test``). With several ``--data``, the first is the internal dataset and
+every other is scored by the same protocol on its own splits, as ``external/NAME/<key>``; a dataset
+that cannot be read stops the command before any scoring, and a task failing on an external dataset
+is reported (``errors`` in the JSON) while the rest is scored.
 """
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ import json
 import sys
 
 from common import storage
-from evaluators.config import TASKS
-from evaluators.scoring import parse_tasks, score_checkpoint
+from common.metric_names import split_external
+from evaluators.config import TASKS, parse_datasets
+from evaluators.scoring import check_datasets, parse_tasks, score_datasets
 
 
 def _headline(key: str) -> bool:
@@ -32,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--checkpoint", help="a checkpoint folder (with export/) or an export folder")
     g.add_argument("--run-dir", help="score every step_* checkpoint of a training run")
-    p.add_argument("--data", required=True, help="ingested shards (train, valid and test splits)")
+    p.add_argument("--data", required=True, action="append", metavar="[NAME=]SHARDS",
+                   help="ingested shards (train, valid and test splits); repeatable: the first is the internal "
+                        "set, every other NAME=SHARDS an external one (scored as external/NAME/...)")
     p.add_argument("--tasks", default="all", help=f"comma list or 'all' ({','.join(TASKS)})")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default: eval.bootstrap)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -42,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         tasks = parse_tasks(a.tasks)
+        datasets = parse_datasets(a.data)
+        check_datasets(datasets)            # before any scoring: a bad one is named with its location
     except ValueError as e:
         raise SystemExit(str(e)) from e
     ckpts = [storage.normalize(a.checkpoint)] if a.checkpoint else storage.glob(a.run_dir, "step_*")
@@ -52,13 +61,21 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for c in ckpts:
-        r = score_checkpoint(c, a.data, tasks, a.bootstrap, a.overrides)
-        art = write_artifacts(r, eval_dir(storage.parent(c), storage.name(c)))     # step_X/eval/ (a URI: uploaded)
+        per_dataset, errors = score_datasets(c, datasets, tasks, a.bootstrap, a.overrides)
+        art = eval_dir(storage.parent(c), storage.name(c))
+        for r in per_dataset:
+            write_artifacts(r, art)                                       # step_X/eval/ (a URI: uploaded)
         publish_dir(art, storage.join(c, "eval"))
-        if a.mlflow_uri and r["mlflow_run_id"]:
-            log_result(a.mlflow_uri, r, art)
-        results.append({k: v for k, v in r.items() if k != "extras"} | {"artifacts": str(art)})
-        print(f"step {r['step']}: {_summary(r['metrics'])}", flush=True)
+        if a.mlflow_uri and per_dataset[0]["mlflow_run_id"]:
+            for r in per_dataset:                                         # the folder once, with the last
+                log_result(a.mlflow_uri, r, art if r is per_dataset[-1] else None)
+        r = per_dataset[0]
+        metrics = {k: v for d in per_dataset for k, v in d["metrics"].items()}
+        results.append({"checkpoint": r["checkpoint"], "step": r["step"], "mlflow_run_id": r["mlflow_run_id"],
+                        "datasets": datasets, "metrics": metrics, "errors": errors, "artifacts": str(art)})
+        print(f"step {r['step']}: {_summary(metrics)}", flush=True)
+        for job, msg in errors.items():
+            print(f"step {r['step']}: {job} FAILED: {msg}", flush=True)
     _print_table(results)
     out = a.out or storage.join(storage.parent(ckpts[-1]), "scores.json")
     storage.write_text(out, json.dumps(results, indent=1))
@@ -67,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_table(results: list[dict]) -> None:
-    keys = sorted({k for r in results for k in r["metrics"] if _headline(k)})
+    keys = sorted({k for r in results for k in r["metrics"] if _headline(k)},
+                  key=lambda k: (split_external(k)[0] is not None, k))    # internal first, then each external
     w = max(len(k) for k in keys) if keys else 10
     print("\n" + "metric".ljust(w) + "".join(f"  step {r['step']!s:>6}" for r in results))
     for k in keys:

@@ -1,5 +1,9 @@
 """Score one checkpoint on the downstream tasks: what the CLI, the evaluator actor and the sweep's
-validation all call (``Scoring``), and one scorer per task (``SCORERS``, keyed like ``TASKS``)."""
+validation all call (``Scoring``), and one scorer per task (``SCORERS``, keyed like ``TASKS``).
+
+Several datasets (``eval.datasets``): the first is the internal one (today's keys); ``Scoring.on``
+scores the same loaded checkpoint on another with every key under ``external/<name>/``, by the same
+protocol on that dataset's own splits (docs/design.md, "External validation")."""
 from __future__ import annotations
 
 import copy
@@ -10,8 +14,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from common import storage
 from common.config import load_config
-from evaluators.config import TASKS
+from common.metric_names import external_key
+from evaluators.config import INTERNAL, TASKS
 from evaluators.tasks import features
 
 
@@ -19,13 +25,15 @@ class Scoring:
     """One loaded checkpoint to score task by task: the export is loaded once, and each split is
     embedded once however many tasks use it (with the feature map too when report generation is
     among ``tasks``). ``overrides`` (``eval.seg_steps=100`` ...) change the checkpoint's own config;
-    ``n_boot`` replaces ``eval.bootstrap``; ``device``: default a GPU when one is visible."""
+    ``n_boot`` replaces ``eval.bootstrap``; ``device``: default a GPU when one is visible.
+    ``dataset``: None for the internal dataset, else its name (the keys go under ``external/<name>/``)."""
 
     def __init__(self, path: str | Path, shards: str, n_boot: int | None = None,
-                 overrides: list[str] | None = None, device: str | None = None, tasks: list[str] | None = None):
+                 overrides: list[str] | None = None, device: str | None = None, tasks: list[str] | None = None,
+                 dataset: str | None = None):
         from trainer.engine import load_export
 
-        self.path, self.shards = path, shards
+        self.path, self.shards, self.dataset = path, shards, dataset
         self.model, self.tok, cfg, self.info = load_export(path)
         self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if overrides:
@@ -35,6 +43,17 @@ class Scoring:
         self.cfg = cfg
         self.memory = "reportgen" in (tasks or TASKS)
         self._splits: dict[str, dict] = {}
+
+    def on(self, shards: str, dataset: str | None) -> "Scoring":
+        """The same loaded checkpoint scored on ``shards`` (external dataset ``dataset``; None: internal),
+        with its own split cache."""
+        other = copy.copy(self)
+        other.shards, other.dataset, other._splits = shards, dataset, {}
+        return other
+
+    def key(self, k: str) -> str:
+        """Task key ``k`` as this dataset reports it."""
+        return external_key(self.dataset, k) if self.dataset else k
 
     def embed(self, split: str) -> dict:
         """{img, txt, labels, keys, reports[, memory]} of ``split`` (computed once)."""
@@ -49,15 +68,22 @@ class Scoring:
             raise ValueError(f"{self.shards}: split {split!r} has studies without the 18 labels")
         return e
 
-    def score(self, tasks: list[str]) -> dict:
-        """-> {checkpoint, step, mlflow_run_id, metrics, extras} for ``tasks``."""
+    def score(self, tasks: list[str], errors: dict[str, str] | None = None) -> dict:
+        """-> {checkpoint, step, mlflow_run_id, dataset, shards, metrics, extras} for ``tasks``. With
+        ``errors``, a task that raises is recorded there (task -> message) and the others still run."""
         metrics: dict[str, float] = {}
         extras: dict = {}
         for t in check_tasks(tasks):
-            metrics.update(SCORERS[t](self, extras))
+            if errors is None:
+                metrics.update(SCORERS[t](self, extras))
+                continue
+            try:
+                metrics.update(SCORERS[t](self, extras))
+            except Exception as e:  # noqa: BLE001 - one task of a dataset failing leaves the rest scored
+                errors[t] = f"{type(e).__name__}: {e}"[:500]
         return {"checkpoint": str(self.path), "step": self.info.get("step"),
-                "mlflow_run_id": self.info.get("mlflow_run_id"),
-                "metrics": {k: float(v) for k, v in metrics.items()}, "extras": extras}
+                "mlflow_run_id": self.info.get("mlflow_run_id"), "dataset": self.dataset, "shards": str(self.shards),
+                "metrics": {self.key(k): float(v) for k, v in metrics.items()}, "extras": extras}
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -202,3 +228,41 @@ def score_checkpoint(path: str | Path, shards: str, tasks: list[str], n_boot: in
                      overrides: list[str] | None = None, device: str | None = None) -> dict:
     """Load an export and score it on ``tasks`` (see ``Scoring``)."""
     return Scoring(path, shards, n_boot, overrides, device, tasks).score(tasks)
+
+
+def as_datasets(shards: str | Path | dict[str, str]) -> dict[str, str]:
+    """A bare shard location -> ``{internal: shards}``; a mapping (``eval.datasets``) as it is."""
+    return {k: str(v) for k, v in shards.items()} if isinstance(shards, dict) else {INTERNAL: str(shards)}
+
+
+def check_datasets(datasets: dict[str, str]) -> None:
+    """Every dataset readable (its ``manifest.json``), before any scoring: ValueError naming the
+    dataset and its location otherwise."""
+    import json
+
+    from data_service.shards import load_manifest
+
+    for i, (name, shards) in enumerate(datasets.items()):
+        what = "internal dataset" if i == 0 else "external dataset"
+        try:
+            man = load_manifest(shards)
+            if not isinstance(man, dict) or not isinstance(man.get("shards"), list):
+                raise ValueError("manifest.json has no 'shards' list")
+        except (OSError, ValueError, json.JSONDecodeError) as e:
+            raise ValueError(f"{what} {name!r} at {storage.normalize(shards)}: cannot read its shards "
+                             f"({type(e).__name__}: {e})") from e
+
+
+def score_datasets(path: str | Path, datasets: dict[str, str], tasks: list[str], n_boot: int | None = None,
+                   overrides: list[str] | None = None, device: str | None = None) -> tuple[list[dict], dict[str, str]]:
+    """One checkpoint (loaded once) on every dataset: (one result per dataset, errors). The first
+    dataset is the internal one and raises as ``score_checkpoint`` does; on the others a failing
+    task is recorded in errors (``external/<name>/<task>`` -> message) and the rest still run."""
+    (_, first), *rest = datasets.items()
+    base = Scoring(path, first, n_boot, overrides, device, tasks)
+    results, errors = [base.score(tasks)], {}
+    for name, shards in rest:
+        errs: dict[str, str] = {}
+        results.append(base.on(shards, name).score(tasks, errs))
+        errors.update({external_key(name, t): f"external dataset {name!r} ({shards}): {m}" for t, m in errs.items()})
+    return results, errors

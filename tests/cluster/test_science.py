@@ -2,6 +2,7 @@
 paired delta (a one-variant run used to end in an IndexError after training)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -81,10 +82,11 @@ def test_text_mlm_stage_is_made_once_and_keyed_by_its_inputs(tmp_path, monkeypat
 def test_both_runs_get_the_text_tower(tmp_path, monkeypatch, extra, made, encoder):
     calls, trained = [], []
     monkeypatch.setattr(science, "sh", _fake_text_mlm_command(calls))
-    monkeypatch.setattr(science, "prepare_data", lambda root, n, seed: tmp_path / "shards")
+    monkeypatch.setattr(science, "prepare_data", lambda root, n, seed, gen="synth": tmp_path / "shards")
     monkeypatch.setattr(science, "TEXT_CORPUS", tmp_path / "corpus.csv")
     (tmp_path / "corpus.csv").write_text("report_text\nNo effusion.\n")
-    monkeypatch.setattr(science, "train", lambda v, shards, out, seed, o: trained.append((v, o)) or tmp_path / v)
+    monkeypatch.setattr(science, "train", lambda v, shards, out, seed, o, stem="phantom": trained.append((v, o))
+                        or tmp_path / v)
     with pytest.raises(SystemExit, match="no exported checkpoint"):     # nothing trained: scoring stops
         science.main(["--out", str(tmp_path / "runs"), "--set", "train.steps=5", *extra])
     assert len(calls) == int(made) and [v for v, _ in trained] == ["clip", "tma"]
@@ -96,3 +98,74 @@ def test_both_runs_get_the_text_tower(tmp_path, monkeypatch, extra, made, encode
             assert calls[0][calls[0].index("--corpus") + 1] == str(tmp_path / "corpus.csv")
         else:
             assert enc == ([encoder] if encoder else [])
+
+
+def test_generator_command_and_a_missing_generator(tmp_path, monkeypatch):
+    """``--generator`` / ``--external`` name the module ``data_service.<generator>``, one CLI for all."""
+    calls = []
+    monkeypatch.setattr(science, "sh", calls.append)
+    science.prepare_data(tmp_path / "ext", 12, 4, "synth_ext")
+    gen, ingest = calls
+    assert gen[1:3] == ["-m", "data_service.synth_ext"] and gen[gen.index("--seed") + 1] == "4"
+    assert {"--out", "--n", "--seed", "--valid-fraction", "--workers"} <= set(gen)
+    assert ingest[2] == "data_service.ingest" and ingest[ingest.index("--input") + 1] == str(tmp_path / "ext" / "raw")
+    with pytest.raises(SystemExit, match="data_service.no_such_generator not found"):
+        science.check_generator("no_such_generator")
+
+
+@pytest.mark.parametrize("gen, ext, ext_seed, sets, report", [
+    ("synth", "synth", None, [("synth", 0), ("synth", 1)], "science-s0.json"),          # synth both sides
+    ("synth_ext", "synth", None, [("synth_ext", 0), ("synth", 0)], "science-synth_ext-s0.json"),   # the other way
+    ("synth", "synth", 7, [("synth", 0), ("synth", 7)], "science-s0.json"),
+])
+def test_train_on_one_generator_score_on_both(tmp_path, monkeypatch, capsys, gen, ext, ext_seed, sets, report):
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 18)) < 0.4).astype(float)
+    prepared, scored, trained = [], [], []
+    monkeypatch.setattr(science, "check_generator", lambda g: None)     # synth_ext: another engineer's module
+    monkeypatch.setattr(science, "prepare_data",
+                        lambda root, n, seed, g="synth": prepared.append((g, seed, root.name)) or root / "shards")
+    monkeypatch.setattr(science, "train", lambda v, shards, out, seed, o, stem="phantom":
+                        trained.append((v, shards, stem)) or out / f"{stem}-{v}" / f"s{seed}")
+    monkeypatch.setattr(science, "last_export", lambda d: d / "step_0000010")
+
+    def fake_score(ck, shards):
+        scored.append((ck.parent.parent.name, shards.parent.name))
+        signal = 1.0 if shards == prepared[0][2] or shards.parent.name == prepared[0][2] else 0.3
+        return {**_fake(rng, y, signal), "checkpoint": str(ck), "metrics_ensemble": {}}
+
+    monkeypatch.setattr(science, "score", fake_score)
+    extra = ["--external-data-seed", str(ext_seed)] if ext_seed is not None else []
+    assert science.main(["--out", str(tmp_path / "runs"), "--text-mlm-steps", "0", "--bootstrap", "10",
+                         "--generator", gen, "--external", ext, *extra]) == 0
+    assert [(g, s) for g, s, _ in prepared] == sets
+    stem = "phantom" if gen == "synth" else gen
+    assert [t[0] for t in trained] == ["clip", "tma"] and {t[2] for t in trained} == {stem}
+    assert {t[1].parent.name for t in trained} == {prepared[0][2]}          # trained on the first set only
+    assert sorted(scored) == sorted((f"{stem}-{v}", d[2]) for v in ("clip", "tma") for d in prepared)
+    r = json.loads((tmp_path / "runs" / report).read_text())
+    assert r["generator"] == gen and r["external"]["generator"] == ext and r["external"]["data_seed"] == sets[1][1]
+    assert set(r["external"]["metrics"]) == {"clip", "tma"} and "per_label" in r["external"]["summary"]["single"]
+    both = r["external"]["side_by_side"]["zero-shot mean AUC, 8 planted (single)"]["tma"]
+    assert both["internal"] > 0.9 > both["external"]                   # in-distribution beside external
+    assert both["internal"] == r["summary"]["single"]["mean"]["tma"]
+    out = capsys.readouterr().out
+    assert f"zero-shot AUC on external {ext} phantoms (seed {sets[1][1]})" in out
+    assert f"in-distribution ({gen}) and external ({ext})" in out and "CLIP+TMA external" in out
+
+
+def test_no_external_set_keeps_the_report(tmp_path, monkeypatch):
+    """Without ``--external`` nothing more is made or scored, and the report's keys stay as they were."""
+    prepared = []
+    monkeypatch.setattr(science, "prepare_data", lambda root, n, seed, g="synth": prepared.append(root.name) or root)
+    monkeypatch.setattr(science, "train", lambda v, shards, out, seed, o, stem="phantom": out / f"{stem}-{v}")
+    monkeypatch.setattr(science, "last_export", lambda d: d)
+    y = (np.random.default_rng(1).random((40, 18)) < 0.4).astype(float)
+    monkeypatch.setattr(science, "score", lambda ck, shards: {**_fake(np.random.default_rng(2), y, 1.0),
+                                                              "checkpoint": str(ck), "metrics_ensemble": {}})
+    assert science.main(["--out", str(tmp_path / "runs"), "--text-mlm-steps", "0", "--bootstrap", "10"]) == 0
+    assert prepared == ["phantom-d0-n1200"]
+    r = json.loads((tmp_path / "runs" / "science-s0.json").read_text())
+    assert r["external"] is None and r["generator"] == "synth" and set(r["summary"]) == {"single", "ensemble"}
+    with pytest.raises(SystemExit, match="the external set is the training set"):
+        science.main(["--out", str(tmp_path / "runs"), "--external", "synth", "--external-data-seed", "0"])
