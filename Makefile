@@ -41,22 +41,22 @@ wheel: install
 	$(BIN)/python -m cluster.wheel --out dist
 
 demo: install
-	$(BIN)/python -m cluster.demo --dir $(DEMO) --storage $(STORAGE)
+	$(BIN)/python -m experiments.demo --dir $(DEMO) --storage $(STORAGE)
 
 # does pretraining learn? CLIP-only vs CLIP+TMA on phantoms, one seed (make science SEED=1 for another).
 # EXTERNAL=synth_ext also scores on a second generator's set, both ways round: train on GENERATOR, score
 # GENERATOR + EXTERNAL; then train on EXTERNAL, score EXTERNAL + GENERATOR (twice the runtime)
 science: install
-	$(BIN)/python -m cluster.science --seed $(SEED)$(if $(EXTERNAL), --generator $(GENERATOR) --external $(EXTERNAL))
-	$(if $(filter-out $(GENERATOR),$(EXTERNAL)),$(BIN)/python -m cluster.science --seed $(SEED) --generator $(EXTERNAL) --external $(GENERATOR))
+	$(BIN)/python -m experiments.science --seed $(SEED)$(if $(EXTERNAL), --generator $(GENERATOR) --external $(EXTERNAL))
+	$(if $(filter-out $(GENERATOR),$(EXTERNAL)),$(BIN)/python -m experiments.science --seed $(SEED) --generator $(EXTERNAL) --external $(GENERATOR))
 
 # issue #9's targets over every seed `make science` has run (runs/science-s*.json), each met or not
 science-targets: install
-	$(BIN)/python -m cluster.science_targets --out runs
+	$(BIN)/python -m experiments.science_targets --out runs
 
 # a 4-trial Ray Tune sweep over TMA settings on phantoms (ASHA, 2 trials at a time)
 sweep-demo: install
-	$(BIN)/python -m cluster.sweep_demo
+	$(BIN)/python -m experiments.sweep_demo
 
 up: install
 	$(BIN)/python -m cluster.local up

@@ -1,4 +1,4 @@
-"""The code's shape: imports run one way (common <- data_service <- trainer <- evaluators <- cluster),
+"""The code's shape: imports run one way (common <- data_service <- trainer <- evaluators <- cluster <- experiments),
 and every collective of the project lives in trainer/losses/dist.py."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-ORDER = ("common", "data_service", "trainer", "evaluators", "cluster")
+ORDER = ("common", "data_service", "trainer", "evaluators", "cluster", "experiments")
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
                "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather", "scatter",
                "all_to_all", "barrier"}
@@ -34,7 +34,7 @@ def test_imports_run_one_way():
             for line, top in _imports(f):
                 if top in ORDER and ORDER.index(top) > rank:
                     wrong.append(f"{f.relative_to(REPO)}:{line} imports {top} (above {pkg})")
-    assert not wrong, "imports against common <- data_service <- trainer <- evaluators <- cluster:\n" + "\n".join(wrong)
+    assert not wrong, "imports against common <- data_service <- trainer <- evaluators <- cluster <- experiments:\n" + "\n".join(wrong)
 
 
 def test_the_check_sees_a_wrong_import(tmp_path):

@@ -1,5 +1,5 @@
 """`make science-targets`: issue #9's targets judged over the seeds' `science-s*.json` reports, made here by
-`cluster.science.table` from planted-signal scores so that the report format is the real one."""
+`experiments.science.table` from planted-signal scores so that the report format is the real one."""
 from __future__ import annotations
 
 import functools
@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from cluster import science, science_targets
 from common.labels import FINDINGS
+from experiments import science, science_targets
 
 
 def _variant(rng, y, signal: dict[str, float]):
@@ -67,7 +67,7 @@ def test_bad_reports_are_named(tmp_path, capsys):
     assert science_targets.main(["--out", str(tmp_path)]) == 2
     assert "science-s0.json: needs both variants scored" in capsys.readouterr().err
     (tmp_path / "science-s0.json").write_text("{not json")
-    with pytest.raises(ValueError, match="science-s0.json: not a cluster.science report"):
+    with pytest.raises(ValueError, match="science-s0.json: not a experiments.science report"):
         science_targets.load(tmp_path)
     _write(tmp_path, [0], small_tma=3.0)
     _write(tmp_path, [1], small_tma=3.0, data_seed=7)

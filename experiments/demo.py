@@ -1,6 +1,6 @@
 """`make demo`: local cluster up, phantom dataset, ingest, `ray job submit` pretraining, scoring.
 
-    python -m cluster.demo [--dir demo] [--n 32] [--steps 40] [--zero 2] [--storage s3]
+    python -m experiments.demo [--dir demo] [--n 32] [--steps 40] [--zero 2] [--storage s3]
 
 ``--storage s3`` (``make demo STORAGE=s3``): the cluster comes up with its object store
 (SeaweedFS on loopback), shards, checkpoints, the evaluator's ledger and MLflow's artifacts all
@@ -13,26 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from cluster import local
+from experiments import shell
+from experiments.shell import REPO
 from trainer.dashboard import COMMIT_ENV, git_describe, run_url
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def sh(cmd: list[str], env: dict | None = None) -> None:
-    print("\n$ " + " ".join(cmd), flush=True)
-    r = subprocess.run(cmd, cwd=REPO, env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"demo: step failed (exit {r.returncode}): {' '.join(cmd)}")
+    shell.sh(cmd, "demo", env)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cluster.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__.split("\n")[0])
     p.add_argument("--dir", default="demo")
     p.add_argument("--n", type=int, default=60, help="phantom volumes (a third held out: valid + test)")
     p.add_argument("--steps", type=int, default=40)

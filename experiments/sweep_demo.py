@@ -1,30 +1,28 @@
 """`make sweep-demo`: phantoms, ingest, then a 4-trial Ray Tune sweep (configs/sweep_phantom.yaml).
 
-    python -m cluster.sweep_demo [--n 120] [--resume]
+    python -m experiments.sweep_demo [--n 120] [--resume]
 
 Logs to MLflow when MLFLOW_TRACKING_URI is set (e.g. after `make up`).
 """
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from experiments import shell
+from experiments.shell import REPO
+
 CONFIG = REPO / "configs" / "sweep_phantom.yaml"
 
 
+
 def sh(cmd: list[str]) -> None:
-    print("\n$ " + " ".join(cmd), flush=True)
-    r = subprocess.run(cmd, cwd=REPO)
-    if r.returncode != 0:
-        raise SystemExit(f"sweep-demo: step failed (exit {r.returncode}): {' '.join(cmd)}")
+    shell.sh(cmd, "sweep-demo")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cluster.sweep_demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.sweep_demo", description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=120, help="phantoms (a third held out)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     a = p.parse_args(argv)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster import science
 from common.labels import FINDINGS
+from experiments import science
 
 
 def _fake(rng, y, signal):

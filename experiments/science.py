@@ -1,7 +1,7 @@
 """`make science`: does pretraining learn? CLIP-only vs CLIP+TMA on phantoms, through the real trainer.
 
-    python -m cluster.science [--seed 0] [--n 1200] [--data-seed 0] [--steps N] [--out runs]
-    python -m cluster.science --generator synth --external synth_ext [--external-data-seed S]   # + external
+    python -m experiments.science [--seed 0] [--n 1200] [--data-seed 0] [--steps N] [--out runs]
+    python -m experiments.science --generator synth --external synth_ext [--external-data-seed S]   # + external
 
 1. phantoms (``data_service.synth``, held-out reports in the second wording bank) and ingest with
    ``configs/phantom.yaml``, once per data seed (``data/phantom-d{data_seed}/``);
@@ -32,7 +32,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,8 +40,9 @@ import numpy as np
 
 from common.config import parse_override
 from data_service.synth import PLANTED
+from experiments import shell
+from experiments.shell import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "phantom.yaml"
 SMALL = ("Lung nodule", "Arterial wall calcification")
 # The text tower's MLM corpus besides the train reports: 800 real chest-CT reports (CT-CLIP, CC BY-NC-SA
@@ -55,11 +55,9 @@ SIDE_BY_SIDE = ("zeroshot/mean_auc", "zeroshot/mean_f1", "probe/mean_auc", "prob
                 "retrieval/i2t_R@1", "retrieval/t2i_R@1", "retrieval/i2t_R@10")
 
 
+
 def sh(cmd: list[str]) -> None:
-    print("\n$ " + " ".join(cmd), flush=True)
-    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
-    if r.returncode != 0:
-        raise SystemExit(f"science: step failed (exit {r.returncode}): {' '.join(cmd)}")
+    shell.sh(cmd, "science", {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
 
 
 def set_name(generator: str) -> str:
@@ -243,7 +241,7 @@ def side_by_side(internal: dict, external: dict, summary: dict, ext_summary: dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cluster.science", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.science", description=__doc__.split("\n")[0])
     p.add_argument("--seed", type=int, default=0, help="training seed (init, data order, augmentation)")
     p.add_argument("--data-seed", type=int, default=0, help="phantom set")
     p.add_argument("--n", type=int, default=1200, help="phantoms (a third held out: valid + test)")

@@ -1,8 +1,8 @@
 """`make science-targets`: are issue #9's targets met over the seeds `make science` has run?
 
-    python -m cluster.science_targets [--out runs] [--prompts single] [--min-seeds 3] [--check]
+    python -m experiments.science_targets [--out runs] [--prompts single] [--min-seeds 3] [--check]
 
-Reads every ``{out}/science-s{seed}.json`` (written by ``cluster.science``) and prints:
+Reads every ``{out}/science-s{seed}.json`` (written by ``experiments.science``) and prints:
 - per planted finding, the zero-shot AUC of CLIP-only and CLIP+TMA at each seed, their mean and
   standard deviation over the seeds, and TMA - CLIP per seed with its paired bootstrap 95% CI.
   The CI covers the test studies only; the spread over seeds is the training run's own variation,
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.science import PLANTED, SMALL
+from experiments.science import PLANTED, SMALL
 
 CLIP_MEAN, TMA_MEAN, TMA_EACH = 0.85, 0.88, 0.75
 
@@ -42,7 +42,7 @@ def load(out: Path) -> dict[int, dict]:
             r = json.loads(p.read_text())
             per = r["summary"]["single"]["per_label"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{p}: not a cluster.science report ({type(e).__name__}: {e})") from None
+            raise ValueError(f"{p}: not a experiments.science report ({type(e).__name__}: {e})") from None
         missing = [f"{f}/{v}" for f in PLANTED for v in ("clip", "tma", "delta") if v not in per.get(f, {})]
         if missing:
             raise ValueError(f"{p}: needs both variants scored (CLIP-only and CLIP+TMA); missing {missing[:3]}")
@@ -97,7 +97,7 @@ def evaluate(reports: dict[int, dict], prompts: str = "single", min_seeds: int =
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs", help="the folder holding science-s{seed}.json (cluster.science --out)")
+    p.add_argument("--out", default="runs", help="the folder holding science-s{seed}.json (experiments.science --out)")
     p.add_argument("--prompts", choices=["single", "ensemble"], default="single")
     p.add_argument("--min-seeds", type=int, default=3)
     p.add_argument("--check", action="store_true", help="exit 1 when a target is not met")
