@@ -256,7 +256,10 @@ def save_config(cfg: "Config", path: str | Path) -> None:
 
 
 def add_config_args(parser) -> None:
-    """Add ``--config`` and ``--set`` to an argparse parser."""
+    """Add ``--config``, ``--set`` and ``--log-level`` (``common.log``) to an argparse parser."""
+    from common.log import add_level_arg
+
+    add_level_arg(parser)
     parser.add_argument("--config", default=None, help="YAML preset (configs/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config key, e.g. train.steps=10")

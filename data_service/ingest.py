@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from common import storage
+from common import log, storage
 from common.config import add_config_args, load_config
 from data_service import shards as sh
 from data_service.config import DataConfig
@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     add_config_args(p)
     a = p.parse_args(argv)
+    log.configure(a.log_level)
     cfg = load_config(a.config, a.overrides)
     man = run(a.source, a.input, a.out, cfg.data, a.engine, a.workers, not a.no_progress)
     c = man["counts"]

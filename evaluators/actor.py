@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from common import storage
+from common import log, storage
 from common.metric_names import external_key
+
+logger = log.get(__name__)
 
 
 class Ledger:
@@ -172,7 +174,7 @@ def _publish(run_dir: str, ck: str, name: str, r: dict, mlflow_uri: str | None, 
         log_result(mlflow_uri, r, art)
         return True
     except Exception as e:  # noqa: BLE001 - MLflow down: the ledger keeps it; sent when it is back
-        print(f"[eval] MLflow unreachable ({type(e).__name__}); {name} {job} kept for later", flush=True)
+        logger.warning(f"MLflow unreachable ({type(e).__name__}); {name} {job} kept for later")
         return False
 
 
@@ -191,7 +193,7 @@ def send_unlogged(run_dir: str, ledger: Ledger, uri: str) -> str | None:
             return run_id
         ledger.mark_logged(rec["checkpoint"], rec["task"])
         run_id = rec["mlflow_run_id"]
-        print(f"[eval] sent {rec['checkpoint']} {rec['task']} to MLflow (it was down when scored)", flush=True)
+        logger.info(f"sent {rec['checkpoint']} {rec['task']} to MLflow (it was down when scored)")
     return run_id
 
 
@@ -215,11 +217,11 @@ def publish_run_summary(run_dir: str, ledger: Ledger, uri: str, run_id: str, bes
         if best_metric and registry_name:
             reg = register_best(uri, run_id, run_dir, records, best_metric, registry_name)
             if reg:
-                print(f"[eval] registered {reg['name']} v{reg['version']}: {reg['checkpoint']} "
-                      f"({best_metric}={reg[best_metric]:.4f}), alias 'best'", flush=True)
+                logger.info(f"registered {reg['name']} v{reg['version']}: {reg['checkpoint']} "
+                      f"({best_metric}={reg[best_metric]:.4f}), alias 'best'")
         refresh_run_note(MlflowClient(uri), run_id, records, best_metric or "zeroshot/mean_auc", registry_name)
     except Exception as e:  # noqa: BLE001
-        print(f"[eval] MLflow summary failed (scores are in the ledger): {type(e).__name__}: {e}", flush=True)
+        logger.warning(f"MLflow summary failed (scores are in the ledger): {type(e).__name__}: {e}")
 
 
 def make_actor(cpus: float, gpus: float = 0.0):
@@ -249,14 +251,14 @@ def watch(run_dir: str, shards: str | dict[str, str], tasks: list[str], mlflow_u
                                             registry_name, before_task))
         except RayActorError as e:
             crashes += 1
-            print(f"[eval] evaluator crashed ({crashes}/{max_crashes}); Ray restarts it: {str(e)[:200]}", flush=True)
+            logger.error(f"evaluator crashed ({crashes}/{max_crashes}); Ray restarts it: {str(e)[:200]}")
             if crashes >= max_crashes:
                 raise
             time.sleep(1.0)
             continue
         for n in new:
             what = f"FAILED: {n['error']}" if n.get("error") else "scored"
-            print(f"[eval] {n['checkpoint']} (step {n['step']}) {n['task']}: {what}", flush=True)
+            logger.info(f"{n['checkpoint']} (step {n['step']}) {n['task']}: {what}")
         scored += new
         if not follow and not new:
             return scored
@@ -290,7 +292,7 @@ class EvalThread:
         try:
             watch(*self.args, follow=False, **self.kw)
         except Exception as e:  # the evaluator must never take the training run down
-            print(f"[eval] evaluator error (training unaffected): {type(e).__name__}: {e}", flush=True)
+            logger.error(f"evaluator error (training unaffected): {type(e).__name__}: {e}")
 
     def _run(self) -> None:
         while not self.stop.wait(self.poll_s):
@@ -322,7 +324,9 @@ def main(argv=None) -> int:
     p.add_argument("--best-metric", default="zeroshot/mean_auc",
                    help="register the best checkpoint on this (an external one: external/NAME/zeroshot/mean_auc)")
     p.add_argument("--registry-name", default=None, help="MLflow registered model (default: no registration)")
+    log.add_level_arg(p)
     a = p.parse_args(argv)
+    log.configure(a.log_level)
     from evaluators.config import check_best_metric, parse_datasets
     from evaluators.scoring import check_datasets, parse_tasks
 
@@ -338,7 +342,7 @@ def main(argv=None) -> int:
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
     scored = watch(a.run_dir, datasets, tasks, a.mlflow_uri, a.cpus, a.every_n, a.follow,
                    best_metric=a.best_metric, registry_name=a.registry_name, gpus=a.gpus)
-    print(f"[eval] {len(scored)} new (checkpoint, task) results; ledger {storage.join(a.run_dir, 'eval_ledger.jsonl')}")
+    logger.info(f"{len(scored)} new (checkpoint, task) results; ledger {storage.join(a.run_dir, 'eval_ledger.jsonl')}")
     return 0
 
 

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from common import storage
+from common import log, storage
 from common.metric_names import split_external
 from evaluators.config import TASKS, parse_datasets
 from evaluators.scoring import check_datasets, parse_tasks, score_datasets
@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="override the checkpoint's config, e.g. eval.seg_steps=100 (repeatable)")
     p.add_argument("--mlflow-uri", default=None, help="log metrics and artifacts to the checkpoint's training run")
     p.add_argument("--out", default=None, help="JSON output (default: scores.json beside the checkpoints)")
+    log.add_level_arg(p)
     a = p.parse_args(argv)
+    log.configure(a.log_level)
     try:
         tasks = parse_tasks(a.tasks)
         datasets = parse_datasets(a.data)

@@ -26,9 +26,11 @@ import os
 import sys
 from pathlib import Path
 
-from common import storage
+from common import log, storage
 from common.config import add_config_args, load_config, load_object, save_config
 from common.storage import StorageError
+
+logger = log.get(__name__)
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
@@ -92,8 +94,8 @@ def mlflow_run(cfg: Config, run_dir: str, retries: int = 5,
         try:
             return _mlflow_run(cfg, run_dir, uri, preset)
         except Exception as e:  # noqa: BLE001 - MLflow's errors are many (HTTP, timeouts, REST)
-            print(f"[t3d] WARNING: MLflow at {uri} did not answer ({type(e).__name__}: {str(e)[:200]}); "
-                  "training WITHOUT tracking. Metrics are still printed and saved with each checkpoint.", flush=True)
+            logger.warning(f"MLflow at {uri} did not answer ({type(e).__name__}: {str(e)[:200]}); "
+                  "training WITHOUT tracking. Metrics are still printed and saved with each checkpoint.")
             return None, None
 
 
@@ -205,8 +207,8 @@ def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, r
         try:
             MlflowClient(uri).set_terminated(run_id, "FINISHED" if result.error is None else "FAILED")
         except Exception as e:  # noqa: BLE001 - the run trained and saved; MLflow being away must not fail it
-            print(f"[t3d] WARNING: could not mark MLflow run {run_id} finished ({type(e).__name__}: "
-                  f"{str(e)[:200]})", flush=True)
+            logger.warning(f"could not mark MLflow run {run_id} finished ({type(e).__name__}: "
+                  f"{str(e)[:200]})")
     return result, (run_dir if storage.is_remote(run_dir) else Path(run_dir)), uri, run_id
 
 
@@ -215,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(p)
     p.add_argument("--log-samples", action="store_true", help="write the keys each rank trained on")
     a = p.parse_args(argv)
+    log.configure(a.log_level)
     cfg = load_config(a.config, a.overrides)
     try:
         result, run_dir, uri, run_id = fit(cfg, a.log_samples, preset=a.config)
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                "mlflow_uri": uri, "mlflow_run_id": run_id,
                "error": None if result.error is None else str(result.error)}
     storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=1, default=str))
-    print("[t3d] " + json.dumps(summary, default=str), flush=True)
+    logger.info(json.dumps(summary, default=str))
     return 0 if result.error is None else 1
 
 

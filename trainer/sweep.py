@@ -24,9 +24,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common import storage
+from common import log, storage
 from common.config import ConfigError, add_config_args, config_from_dict, load_config, merge, nested, save_config
 from trainer.pretrain import init_ray, mlflow_run, resolve_paths
+
+logger = log.get(__name__)
 
 if TYPE_CHECKING:
     from common.config import Config
@@ -219,7 +221,7 @@ def publish(uri: str | None, parent_run_id: str | None, rows, best, cfg: Config,
                                  "value": f"{best[f'best {cfg.sweep.metric}']:.6g}", "trial": str(best["trial"])},
                                 f"checkpoints/{storage.name(best['checkpoint'])}")
         if v:
-            print(f"[sweep] registered {cfg.sweep.name} v{v} (alias 'best'): {best['checkpoint']}", flush=True)
+            logger.info(f"registered {cfg.sweep.name} v{v} (alias 'best'): {best['checkpoint']}")
     describe(client, parent_run_id, cfg, rows, best, v)
     client.set_terminated(parent_run_id, "FINISHED")
 
@@ -277,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
     a = p.parse_args(argv)
+    log.configure(a.log_level)
     out = run(load_config(a.config, a.overrides), a.resume, a.config)
     cols = [k for k in out["rows"][0] if k not in ("run_dir", "error")] if out["rows"] else []
     print("\n" + "  ".join(f"{c:>14s}"[-14:] for c in cols))

@@ -21,7 +21,10 @@ import time
 from collections import deque
 from pathlib import Path
 
+from common import log
 from common.metric_names import mlflow_name
+
+logger = log.get(__name__)
 
 # MLflow retries a failed request 7 times with exponential backoff (minutes): in the processes that
 # log through a Tracker, fail fast instead and let the queue retry.
@@ -91,8 +94,8 @@ class Tracker:
             with self.lock, open(self.spool, "a") as f:
                 for m in self.queue:
                     f.write(json.dumps(m) + "\n")
-            print(f"[t3d] MLflow still unreachable: {left} metrics spooled to {self.spool}; "
-                  "a resumed run sends them", flush=True)
+            logger.warning(f"MLflow still unreachable: {left} metrics spooled to {self.spool}; "
+                  "a resumed run sends them")
         return left
 
     # -------------------------------------------------------------------------------- sender
@@ -128,11 +131,11 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - any failure of the server or the network
             if self.down_since is None:
                 self.down_since = time.time()
-                print(f"[t3d] MLflow unreachable ({type(e).__name__}: {str(e)[:120]}); "
-                      f"queuing metrics until it is back", flush=True)
+                logger.warning(f"MLflow unreachable ({type(e).__name__}: {str(e)[:120]}); "
+                      f"queuing metrics until it is back")
             return False
         if self.down_since is not None:
-            print(f"[t3d] MLflow is back after {time.time() - self.down_since:.0f} s; queued metrics sent", flush=True)
+            logger.info(f"MLflow is back after {time.time() - self.down_since:.0f} s; queued metrics sent")
             self.down_since = None
         return True
 
@@ -147,7 +150,7 @@ def send_spool(uri: str | None, run_id: str | None, spool: str | Path, timeout: 
     n = t.pending()
     left = t.close(timeout)
     if n and not left:
-        print(f"[t3d] sent {n} spooled metrics to MLflow run {run_id}", flush=True)
+        logger.info(f"sent {n} spooled metrics to MLflow run {run_id}")
     return left
 
 
