@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from common import log, storage
 from common.metric_names import external_key
+from trainer.checkpoint import list_checkpoints
 
 logger = log.get(__name__)
 
@@ -72,8 +73,7 @@ class Ledger:
 
 def ready_checkpoints(run_dir: str | Path, every_n: int = 1) -> list[str]:
     """step_* folders (paths or URIs) whose export is complete (export.json is written after the weights)."""
-    ck = [p for p in storage.glob(run_dir, "step_*") if storage.isfile(storage.join(p, "export", "export.json"))
-          and storage.isfile(storage.join(p, "export", "model.safetensors"))]
+    ck = list_checkpoints(run_dir, exported=True)
     return ck[every_n - 1::every_n] if every_n > 1 else ck
 
 

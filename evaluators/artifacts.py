@@ -19,6 +19,7 @@ from typing import Any
 
 from common import storage
 from common.metric_names import EXTERNAL, external_key, mlflow_name, split_external
+from trainer.checkpoint import export_of, step_name
 
 # what the over-checkpoints plot shows (the per-label curves are in MLflow itself)
 SUMMARY = ("zeroshot/mean_auc", "zeroshot/mean_f1", "retrieval/i2t_R@5", "retrieval/t2i_R@5", "probe/mean_auc",
@@ -101,7 +102,7 @@ def log_result(uri: str, result: dict[str, Any], art_dir: str | Path | None) -> 
     client.log_batch(run_id, metrics=[Metric(mlflow_key(k), v, ts, step) for k, v in result["metrics"].items()
                                       if math.isfinite(v)])
     if art_dir is not None and any(Path(art_dir).iterdir()):
-        client.log_artifacts(run_id, str(art_dir), f"eval/step_{step:07d}")
+        client.log_artifacts(run_id, str(art_dir), f"eval/{step_name(step)}")
     # the tables again as MLflow tables: the UI shows them sortable and compares them across runs
     for name in ("zeroshot_table", "probe_table", "segmentation_table"):
         rows = result.get("extras", {}).get(name)
@@ -110,7 +111,7 @@ def log_result(uri: str, result: dict[str, Any], art_dir: str | Path | None) -> 
 
             sub = _tables_dir(result.get("dataset"))
             client.log_table(run_id, pd.DataFrame(rows),
-                             f"eval/step_{step:07d}/{'' if sub == '.' else sub + '/'}{name}.json")
+                             f"eval/{step_name(step)}/{'' if sub == '.' else sub + '/'}{name}.json")
 
 
 def ledger_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
@@ -181,7 +182,7 @@ def register_best(uri: str, run_id: str, run_dir: str | Path, records: list[dict
     if best is None:
         return None
     ck, step, value = best
-    export = storage.join(run_dir, ck, "export")
+    export = export_of(storage.join(run_dir, ck))
     if not storage.isdir(export):
         return None                           # rotated away before it could be uploaded
     export = storage.local_dir(export)        # MLflow uploads from a local folder

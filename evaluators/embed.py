@@ -22,7 +22,7 @@ def embed_volume(checkpoint: str, volume: str, ensemble: bool = False) -> dict:
     from common.labels import FINDINGS
     from data_service.preprocess import load_canonical, to_model_input
     from evaluators.tasks.zeroshot import prompt_embeddings, zeroshot_probs
-    from trainer.engine import load_export
+    from trainer.export import load_export
 
     model, tok, cfg, info = load_export(checkpoint)
     c = load_canonical(volume, cfg.data)                      # the same reader and checks as ingest

@@ -10,6 +10,7 @@ from typing import Any
 from common.metric_names import HEADLINE, external_key, split_external
 from evaluators.artifacts import best_checkpoint, external_datasets
 from trainer import dashboard as dash
+from trainer.checkpoint import step_name
 
 EXTERNAL_HEADLINE = ("zeroshot/mean_auc",)   # an external dataset's columns in the checkpoint table
 
@@ -77,11 +78,11 @@ def plot_links(client, exp_id: str, run_id: str, step: int | None) -> list[tuple
     """Links to the plots in the run's artifacts: over checkpoints, and the best checkpoint's."""
     have = {f.path for f in client.list_artifacts(run_id, "eval")}
     if step is not None:
-        have |= {f.path for f in client.list_artifacts(run_id, f"eval/step_{step:07d}")}
+        have |= {f.path for f in client.list_artifacts(run_id, f"eval/{step_name(step)}")}
     want = [("metrics over checkpoints", "eval/metrics_over_checkpoints.png")]
     if step is not None:
-        want += [(f"zero-shot ROC curves, step {step}", f"eval/step_{step:07d}/zeroshot_roc.png"),
-                 (f"all evaluation artifacts of step {step}", f"eval/step_{step:07d}")]
+        want += [(f"zero-shot ROC curves, step {step}", f"eval/{step_name(step)}/zeroshot_roc.png"),
+                 (f"all evaluation artifacts of step {step}", f"eval/{step_name(step)}")]
     return [(text, dash.run_path(exp_id, run_id, f"artifacts/{path}")) for text, path in want if path in have]
 
 

@@ -21,6 +21,7 @@ from common import log, storage
 from common.metric_names import split_external
 from evaluators.config import TASKS, parse_datasets
 from evaluators.scoring import check_datasets, parse_tasks, score_datasets
+from trainer.checkpoint import list_checkpoints
 
 
 def _headline(key: str) -> bool:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         check_datasets(datasets)            # before any scoring: a bad one is named with its location
     except ValueError as e:
         raise SystemExit(str(e)) from e
-    ckpts = [storage.normalize(a.checkpoint)] if a.checkpoint else storage.glob(a.run_dir, "step_*")
+    ckpts = [storage.normalize(a.checkpoint)] if a.checkpoint else list_checkpoints(a.run_dir)
     if not ckpts:
         raise SystemExit(f"{a.run_dir}: no step_* checkpoints")
     from evaluators.actor import eval_dir, publish_dir

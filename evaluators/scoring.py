@@ -31,7 +31,7 @@ class Scoring:
     def __init__(self, path: str | Path, shards: str, n_boot: int | None = None,
                  overrides: list[str] | None = None, device: str | None = None, tasks: list[str] | None = None,
                  dataset: str | None = None):
-        from trainer.engine import load_export
+        from trainer.export import load_export
 
         self.path, self.shards, self.dataset = path, shards, dataset
         self.model, self.tok, cfg, self.info = load_export(path)

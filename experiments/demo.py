@@ -20,6 +20,7 @@ from pathlib import Path
 from cluster import local
 from experiments import shell
 from experiments.shell import REPO
+from trainer.checkpoint import list_checkpoints
 from trainer.dashboard import COMMIT_ENV, git_describe, run_url
 
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = storage.join(runs, run_name)
     summary = json.loads(storage.read_text(storage.join(run_dir, "summary.json")))
-    ckpts = [storage.name(c) for c in storage.glob(run_dir, "step_*")]
+    ckpts = [storage.name(c) for c in list_checkpoints(run_dir)]
     ledger = Ledger(storage.join(run_dir, "eval_ledger.jsonl")).results()
     from mlflow.tracking import MlflowClient
 

@@ -42,6 +42,7 @@ from common.config import parse_override
 from data_service.synth import PLANTED
 from experiments import shell
 from experiments.shell import REPO
+from trainer.checkpoint import list_checkpoints
 
 CONFIG = REPO / "configs" / "phantom.yaml"
 SMALL = ("Lung nodule", "Arterial wall calcification")
@@ -130,8 +131,8 @@ def train(variant: str, shards: Path, out: Path, seed: int, extra: list[str], st
 
 def last_export(run_dir: Path) -> Path | None:
     """The newest checkpoint of ``run_dir`` that has its ``export/``, or None."""
-    done = sorted(p for p in run_dir.glob("step_*") if (p / "export").is_dir())
-    return done[-1] if done else None
+    done = list_checkpoints(run_dir, exported=True)
+    return Path(done[-1]) if done else None
 
 
 def score(ck: Path, shards: Path) -> dict:

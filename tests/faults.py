@@ -39,7 +39,7 @@ class RecordResume(LoopCallback):
     def on_resume(self, run) -> None:
         import json
 
-        from trainer.engine import full_fp32_state_dict
+        from trainer.export import full_fp32_state_dict
 
         state = full_fp32_state_dict(run.engine)            # collective: every rank
         if run.rank != 0:

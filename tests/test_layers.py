@@ -77,3 +77,34 @@ def _unsafe_loads(source: str) -> list[tuple[int, str]]:
             if kw.get("weights_only") != "True":
                 out.append((node.lineno, ast.unparse(node)))
     return out
+
+
+LAYOUT_HOME = REPO / "trainer" / "checkpoint.py"
+
+
+def _layout_literals(source: str) -> list[tuple[int, str]]:
+    """String constants (f-string parts included) that spell the run folder's layout: a checkpoint's
+    ``step_`` name, ``export``, ``export.json``, ``model.safetensors``. Docstrings are prose, skipped."""
+    tree = ast.parse(source)
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            v = node.value
+            if v.startswith("step_") or v.strip("/") in ("export", "export.json", "model.safetensors") \
+                    or "/export/" in v or v.endswith(("/export.json", "/model.safetensors")):
+                out.append((node.lineno, v))
+    return out
+
+
+def test_run_layout_is_spelled_once():
+    """The run folder's layout (``step_*``, ``export/``, its files) lives in trainer/checkpoint.py; every
+    other module of the code asks it (``list_checkpoints``, ``step_name``, ``export_of`` ...)."""
+    found = [f"{f.relative_to(REPO)}:{line} {v!r}" for pkg in ORDER for f in _py_files(pkg) if f != LAYOUT_HOME
+             for line, v in _layout_literals(f.read_text())]
+    assert not found, "the run layout spelled outside trainer/checkpoint.py:\n" + "\n".join(found)
+    assert _layout_literals('"""step_* in prose"""\nx = "step_*"\ny = f"{d}/export/model.safetensors"\n') == [
+        (2, "step_*"), (3, "/export/model.safetensors")]
+    assert _layout_literals(LAYOUT_HOME.read_text())            # the home does spell it

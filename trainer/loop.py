@@ -29,7 +29,9 @@ import torch
 from common import storage
 from data_service.shards import iter_split
 from data_service.stream import Plan, build_index, rank_stream
+from trainer import checkpoint as ckpt
 from trainer import engine as eng
+from trainer.export import export
 from trainer.health import CollapseMonitor, health_metrics
 from trainer.losses import T3DLoss
 from trainer.losses.dist import all_reduce_min
@@ -132,11 +134,11 @@ def pick_checkpoint(given: Path | None, given_path: str | None, run_dir: str, ra
     ``run_dir`` is on an object store). Every rank makes the same choice: they read the same storage."""
     if given is None:
         return None
-    bad = eng.verify_checkpoint(given)
+    bad = ckpt.verify_checkpoint(given)
     if bad is None:
         return Path(given)
-    older = next((p for p in reversed(storage.glob(run_dir, "step_*"))
-                  if storage.name(p) < storage.name(given_path or str(given)) and eng.verify_checkpoint(p) is None), None)
+    older = next((p for p in reversed(ckpt.list_checkpoints(run_dir))
+                  if storage.name(p) < storage.name(given_path or str(given)) and ckpt.verify_checkpoint(p) is None), None)
     if rank == 0:
         print(f"[t3d] checkpoint {given_path} is damaged ({bad}); "
               + (f"resuming from {older}" if older else "no earlier good checkpoint: starting over"), flush=True)
@@ -168,9 +170,9 @@ def resume(run: Run, source: Path | None) -> None:
             print(f"[t3d] {source.name} was saved by {before} worker(s), resuming on {run.world}: "
                   "converting it to a DeepSpeed universal checkpoint", flush=True)
         with tempfile.TemporaryDirectory(prefix="t3d-universal-", dir=storage.scratch_dir()) as tmp:
-            run.state.update(eng.load(run.engine, source, run.rank, universal=eng.to_universal(source, tmp)))
+            run.state.update(ckpt.load(run.engine, source, run.rank, universal=ckpt.to_universal(source, tmp)))
     else:
-        run.state.update(eng.load(run.engine, source, run.rank))
+        run.state.update(ckpt.load(run.engine, source, run.rank))
     if "position" not in run.state:           # a checkpoint from before positions were saved
         run.state["position"] = run.plan.position_of(run.state["micro"], before)
     run.state["world"] = run.world
@@ -237,16 +239,16 @@ def checkpoint(run: Run) -> None:
     step, args, logs = run.state["step"], run.args, scalars(run.logs)
     with tempfile.TemporaryDirectory(dir=storage.scratch_dir()) as d:     # staged in the cache, then uploaded by Ray
         full = {**run.state, "mlflow_run_id": args.mlflow_run_id, "time": time.time(), "loss": logs.get("loss")}
-        eng.save(run.engine, d, run.rank, full)
-        eng.export(run.engine, Path(d) / "export", run.cfg, run.rank,
+        ckpt.save(run.engine, d, run.rank, full)
+        export(run.engine, ckpt.export_of(d), run.cfg, run.rank,
                    {"step": step, "tokenizer_dir": args.tokenizer_dir, "mlflow_run_id": args.mlflow_run_id,
                     "loss": logs.get("loss")})
-        eng.write_checksums(d, run.rank)
+        ckpt.write_checksums(d, run.rank)
         metrics = {"step": step, **logs}
         if args.validator and run.rank == 0:
-            metrics.update(validate(args.validator, Path(d) / "export", run.cfg.data.shards))
+            metrics.update(validate(args.validator, Path(ckpt.export_of(d)), run.cfg.data.shards))
             run.tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step_{step:07d}")
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=ckpt.step_name(step))
 
 
 def validate(validator: str, export: Path, shards: str) -> dict[str, float]:

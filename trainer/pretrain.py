@@ -29,6 +29,7 @@ from pathlib import Path
 from common import log, storage
 from common.config import add_config_args, load_config, load_object, save_config
 from common.storage import StorageError
+from trainer.checkpoint import list_checkpoints
 
 logger = log.get(__name__)
 
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         result, run_dir, uri, run_id = fit(cfg, a.log_samples, preset=a.config)
     except StorageError as e:
         raise SystemExit(f"[t3d] cannot use storage: {e}") from e
-    ckpts = [storage.name(p) for p in storage.glob(run_dir, "step_*") if storage.isdir(storage.join(p, "export"))]
+    ckpts = [storage.name(p) for p in list_checkpoints(run_dir, exported=True)]
     summary = {"run_dir": str(run_dir), "checkpoints": ckpts, "final_metrics": result.metrics,
                "mlflow_uri": uri, "mlflow_run_id": run_id,
                "error": None if result.error is None else str(result.error)}

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from common import log, storage
 from common.config import ConfigError, add_config_args, config_from_dict, load_config, merge, nested, save_config
+from trainer.checkpoint import EXPORT_INFO, export_of, step_name
 from trainer.pretrain import init_ray, mlflow_run, resolve_paths
 
 logger = log.get(__name__)
@@ -191,7 +192,7 @@ def best_outputs(rows: list[dict[str, Any]], cfg: Config, root: str) -> dict[str
     trial_cfg["sweep"] = {}
     best_cfg = config_from_dict(trial_cfg)
     save_config(best_cfg, storage.join(root, "best_config.yaml"))
-    best["checkpoint"] = storage.join(best["run_dir"], f"step_{best['best step']:07d}") if best["run_dir"] else ""
+    best["checkpoint"] = storage.join(best["run_dir"], step_name(best["best step"])) if best["run_dir"] else ""
     return best
 
 
@@ -211,10 +212,10 @@ def publish(uri: str | None, parent_run_id: str | None, rows, best, cfg: Config,
             if storage.is_remote(root):
                 local.write_bytes(storage.read_bytes(storage.join(root, name)))
             client.log_artifact(parent_run_id, str(local))
-    export = storage.join(best["checkpoint"], "export") if best and best["checkpoint"] else None
+    export = export_of(best["checkpoint"]) if best and best["checkpoint"] else None
     v = None
     if export and storage.isdir(export):
-        info = json.loads(storage.read_text(storage.join(export, "export.json")))
+        info = json.loads(storage.read_text(storage.join(export, EXPORT_INFO)))
         run_id = info.get("mlflow_run_id") or parent_run_id
         v = register_checkpoint(uri, run_id, storage.local_dir(export), cfg.sweep.name,
                                 {"step": str(best["best step"]), "metric": cfg.sweep.metric,

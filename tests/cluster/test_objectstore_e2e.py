@@ -143,7 +143,7 @@ def test_pretrain_on_object_storage_with_faults(tmp_path, monkeypatch):
         assert final["step"] == 8 and final["world"] == 2
         summary = json.loads(storage.read_text(storage.join(run, "summary.json")))
         assert summary["error"] is None and summary["checkpoints"][-1] == "step_0000008"
-        from trainer.engine import verify_checkpoint
+        from trainer.checkpoint import verify_checkpoint
 
         assert verify_checkpoint(storage.join(run, "step_0000008")) is None      # checksums, read in place
         # the evaluator scored checkpoints from s3://, its artifacts in the run and in MLflow's bucket

@@ -49,7 +49,7 @@ def test_mlflow_metrics_artifacts_and_registry(phantom24, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from evaluators.actor import Ledger, evaluate_pending
-    from trainer.engine import load_export
+    from trainer.export import load_export
 
     shards, texts = phantom24
     client = MlflowClient(mlflow_uri)

@@ -119,7 +119,7 @@ def test_embed_cli_on_real_volume(realdata, tmp_path, volume, capsys):
     # evaluators' split reader gives the same embedding as the one-volume CLI
     from data_service import ingest
     from evaluators.tasks.features import embed_split
-    from trainer.engine import load_export
+    from trainer.export import load_export
 
     model, tok, cfg, _ = load_export(ck)
     root = tmp_path / "folder"

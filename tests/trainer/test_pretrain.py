@@ -60,7 +60,7 @@ def _samples(run_dir: Path) -> dict[int, list[str]]:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_train_and_export(ray_local, phantom, tmp_path, stage):
-    from trainer.engine import load_export
+    from trainer.export import load_export
 
     run_dir = _fit(_cfg(phantom, tmp_path, f"z{stage}", **{"deepspeed.zero_stage": stage, "train.steps": 2}))
     ck = run_dir / "step_0000002"
@@ -111,7 +111,7 @@ def test_resume_after_killed_worker_matches_uninterrupted(ray_local, phantom, tm
     assert st["step"] == 4 and st["micro"] == 4
     # a damaged newest checkpoint (its files no longer match the checksums written with it; here a
     # truncated optimizer partition) is passed over: the rerun resumes from step 2 and finishes
-    from trainer.engine import verify_checkpoint
+    from trainer.checkpoint import verify_checkpoint
 
     assert verify_checkpoint(ref / "step_0000004") is None
     victim = sorted((ref / "step_0000004").rglob("*optim_states.pt"))[0]
