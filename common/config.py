@@ -26,6 +26,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("data", "data_service.config:DataConfig"),
     ("model", "trainer.config:ModelConfig"),
     ("tma", "trainer.config:TMAConfig"),
+    ("restore", "trainer.config:RestoreConfig"),
     ("train", "trainer.config:TrainConfig"),
     ("deepspeed", "trainer.config:DeepSpeedConfig"),
     ("ray", "trainer.config:RayConfig"),

@@ -1,4 +1,4 @@
-"""The trainer's sections: ``model``, ``tma``, ``train``, ``deepspeed``, ``ray``, ``tracking``.
+"""The trainer's sections: ``model``, ``tma``, ``restore``, ``train``, ``deepspeed``, ``ray``, ``tracking``.
 
 ``model.flavour`` is a named preset of sizes (torchtitan's flavours): ``debug`` (a 1 M-parameter
 model for tests and CPU runs) or ``t3d`` (the paper's ResNet-50 + BERT-base). A size key given
@@ -8,7 +8,7 @@ checkpoints, so an export rebuilds exactly its model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from common.config import ConfigError, check_choice, check_range
 
@@ -117,6 +117,59 @@ class TMAConfig:
         if getattr(aug, "negated_sentences", False) and (self.w_sentence <= 0 or unit != "sentence"):
             raise ConfigError("data.augment.negated_sentences feeds the sentence term: it needs tma.w_sentence > 0 "
                               f"and model.text_unit=sentence, got tma.w_sentence={self.w_sentence}, text_unit={unit!r}")
+        return self
+
+
+RESTORE_LOSSES = ("mse", "l1")
+
+
+@dataclass
+class RestoreConfig:
+    """Text-informed image restoration (T3D v2's second pretext task); see docs/design.md. The input
+    of the image encoder (the [0, 1] voxels of ``data.hu_window``) is corrupted, encoded again, and a
+    light U-Net decoder on the encoder's stages restores it, its coarse levels attending to the
+    report's tokens. Off by default: a disabled section adds no parameter to the model."""
+    enabled: bool = False
+    weight: float = 1.0                         # total = CLIP + TMA terms + weight x restore
+    loss: str = "mse"                           # "mse" | "l1", counted on the corrupted voxels only
+    mask_ratio: float = 0.6                     # fraction of the 3D blocks set to 0 (0 = no masking)
+    block_size: Union[int, list[int]] = field(default_factory=lambda: [16, 16, 4])  # voxels of the model input (an int: a cube)
+    noise_std: float = 0.0                      # gaussian noise on every voxel (0 = off)
+    downsample: int = 1                         # average-pool by this factor and upsample back (1 = off)
+    depth: int = 1                              # conv blocks per decoder level
+    width: int = 64                             # channels of the coarsest decoder level (halved each level up, >= 8)
+    text_informed: bool = True                  # coarse decoder levels cross-attend to the report's tokens
+    heads: int = 4                              # cross-attention heads
+    attn_levels: int = 1                        # how many of the coarsest decoder levels cross-attend (1-5)
+
+    def level_width(self, k: int) -> int:
+        """Channels of decoder level ``k`` (0: the encoder's last stage ... 4: its stem)."""
+        return max(self.width >> k, 8)
+
+    def validate(self, root=None) -> "RestoreConfig":
+        check_choice("restore.loss", self.loss, RESTORE_LOSSES)
+        check_range("restore.weight", self.weight, 0.0)
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"restore.mask_ratio: must be in [0, 1), got {self.mask_ratio!r}")
+        b = [self.block_size] * 3 if isinstance(self.block_size, int) else list(self.block_size)
+        if len(b) != 3 or any(v < 1 for v in b):
+            raise ConfigError(f"restore.block_size: expected one or three voxel counts >= 1, got {self.block_size!r}")
+        self.block_size = b
+        check_range("restore.noise_std", self.noise_std, 0.0)
+        check_range("restore.downsample", self.downsample, 1)
+        check_range("restore.depth", self.depth, 1)
+        check_range("restore.width", self.width, 8)
+        check_range("restore.heads", self.heads, 1)
+        check_range("restore.attn_levels", self.attn_levels, 1, 5)
+        if self.text_informed:
+            bad = [self.level_width(k) for k in range(self.attn_levels) if self.level_width(k) % self.heads]
+            if bad:
+                raise ConfigError(f"restore.heads={self.heads} must divide the width of every cross-attending "
+                                  f"level (restore.width={self.width}, restore.attn_levels={self.attn_levels}: "
+                                  f"widths {[self.level_width(k) for k in range(self.attn_levels)]})")
+        if self.enabled and self.mask_ratio == 0 and self.noise_std == 0 and self.downsample == 1:
+            raise ConfigError("restore.enabled=true corrupts nothing: set restore.mask_ratio > 0, "
+                              "restore.noise_std > 0 or restore.downsample > 1")
         return self
 
 

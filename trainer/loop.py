@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from common import storage
+from common import log, storage
 from data_service.shards import iter_split
 from data_service.stream import Plan, build_index, rank_stream
 from trainer import checkpoint as ckpt
@@ -39,6 +39,8 @@ from trainer.model import build_model
 from trainer.model.text import tokenize_reports
 from trainer.step import Batch, model_inputs, scalars, train_step
 from trainer.tracking import SPOOL, Tracker
+
+logger = log.get(__name__)
 
 
 class LoopCallback:
@@ -62,6 +64,7 @@ class LoopArgs:
     log_samples: bool = False
     callbacks: list[LoopCallback] = field(default_factory=list)
     validator: str | None = None         # "module:function(export dir, shards) -> metrics", run by rank 0
+    log_level: str | None = None         # the driver's --log-level (common.log), for the workers
 
 
 @dataclass
@@ -102,7 +105,7 @@ def setup(args: LoopArgs, rank: int, world: int, universal: bool = False) -> Run
     tracker = (Tracker(args.mlflow_uri, args.mlflow_run_id, storage.local_state_dir(args.run_dir) / SPOOL) if rank == 0
                else Tracker(None, None))
     state = {"step": 0, "micro": 0, "position": 0, "samples": 0, "corrupt": 0, "dropped": 0, "world": world}
-    run = Run(args, rank, world, engine, T3DLoss(cfg.tma), tracker,
+    run = Run(args, rank, world, engine, T3DLoss(cfg.tma, cfg.restore), tracker,
               torch.bfloat16 if eng.use_bf16(cfg) else torch.float32, state)
     run.index = build_index(cfg.data.shards, "train")
     run.plan = Plan(sorted(run.index), cfg.train.batch_size, cfg.train.seed)
@@ -140,8 +143,8 @@ def pick_checkpoint(given: Path | None, given_path: str | None, run_dir: str, ra
     older = next((p for p in reversed(ckpt.list_checkpoints(run_dir))
                   if storage.name(p) < storage.name(given_path or str(given)) and ckpt.verify_checkpoint(p) is None), None)
     if rank == 0:
-        print(f"[t3d] checkpoint {given_path} is damaged ({bad}); "
-              + (f"resuming from {older}" if older else "no earlier good checkpoint: starting over"), flush=True)
+        logger.warning(f"checkpoint {given_path} is damaged ({bad}); "
+              + (f"resuming from {older}" if older else "no earlier good checkpoint: starting over"))
     if older is None:
         return None
     if storage.is_remote(older):
@@ -167,8 +170,8 @@ def resume(run: Run, source: Path | None) -> None:
     before = saved_world(source) or run.world
     if before != run.world:
         if run.rank == 0:
-            print(f"[t3d] {source.name} was saved by {before} worker(s), resuming on {run.world}: "
-                  "converting it to a DeepSpeed universal checkpoint", flush=True)
+            logger.info(f"{source.name} was saved by {before} worker(s), resuming on {run.world}: "
+                  "converting it to a DeepSpeed universal checkpoint")
         with tempfile.TemporaryDirectory(prefix="t3d-universal-", dir=storage.scratch_dir()) as tmp:
             run.state.update(ckpt.load(run.engine, source, run.rank, universal=ckpt.to_universal(source, tmp)))
     else:
@@ -177,8 +180,8 @@ def resume(run: Run, source: Path | None) -> None:
         run.state["position"] = run.plan.position_of(run.state["micro"], before)
     run.state["world"] = run.world
     if run.rank == 0:
-        print(f"[t3d] resumed from {source} at step {run.state['step']} (micro {run.state['micro']}, "
-              f"sample {run.state['position']}, {before} -> {run.world} workers)", flush=True)
+        logger.info(f"resumed from {source} at step {run.state['step']} (micro {run.state['micro']}, "
+              f"sample {run.state['position']}, {before} -> {run.world} workers)")
 
 
 def batches(run: Run) -> Iterator[tuple[int, Batch | None]]:
@@ -193,7 +196,7 @@ def batches(run: Run) -> Iterator[tuple[int, Batch | None]]:
         micro, state["next_position"] = int(b["micro"][0]), int(b["position"][0])
         ok = b["ok"].astype(bool)
         for k, err in zip(b["key"][~ok], b["error"][~ok]):
-            print(f"[t3d] rank {run.rank}: corrupt sample {k} skipped: {err}", flush=True)
+            logger.warning(f"corrupt sample {k} skipped: {err}")
         n_ok = all_reduce_min(int(ok.sum()))
         keep = np.flatnonzero(ok)[:n_ok]
         state["corrupt"] += int((~ok).sum())
@@ -214,7 +217,7 @@ def log(run: Run) -> None:
         metrics.update(health_metrics(run.engine.module, image, run.health.input_ids, run.health.attention_mask))
         for w in run.monitor.update(metrics, step):
             if run.rank == 0:
-                print(f"[t3d] {w}", flush=True)
+                logger.warning(w)
     t, n = run.clock
     dt, dn = time.time() - t, state["samples"] - n
     metrics.update({"lr": run.engine.get_lr()[0], "samples_per_s": dn / max(dt, 1e-9),
@@ -226,8 +229,7 @@ def log(run: Run) -> None:
     state["samples_per_s"] = round(metrics["samples_per_s"], 3)
     if run.rank == 0:
         shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("loss/", "health/"))}
-        print(f"[t3d] step {step}/{cfg.train.steps} {json.dumps(shown)} {metrics['samples_per_s']:.1f} samples/s",
-              flush=True)
+        logger.info(f"step {step}/{cfg.train.steps} {json.dumps(shown)} {metrics['samples_per_s']:.1f} samples/s")
     run.clock = (time.time(), state["samples"])
 
 
@@ -260,7 +262,7 @@ def validate(validator: str, export: Path, shards: str) -> dict[str, float]:
     try:
         return {k: float(v) for k, v in fn(export, shards).items()}
     except Exception as e:  # noqa: BLE001 - a failed validation must not kill the trial
-        print(f"[t3d] validation of {export} failed: {type(e).__name__}: {e}", flush=True)
+        logger.error(f"validation of {export} failed: {type(e).__name__}: {e}")
         return {k: float("nan") for k in getattr(fn, "metric_names", ())}
 
 
@@ -270,6 +272,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     args: LoopArgs = config["args"]
+    log.configure(args.log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     given = ray.train.get_checkpoint()
@@ -281,8 +284,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if source is not None:
         if rank == 0:
             name = storage.name(given.path) if d and source == Path(d) else source.name   # d: Ray's download
-            print(f"[t3d] this attempt resumes from {storage.join(args.run_dir, name)} (the newest good "
-                  f"checkpoint): steps after {run.state['step']} are trained again", flush=True)
+            logger.info(f"this attempt resumes from {storage.join(args.run_dir, name)} (the newest good "
+                  f"checkpoint): steps after {run.state['step']} are trained again")
         for cb in args.callbacks:
             cb.on_resume(run)
     cfg, state = run.cfg, run.state

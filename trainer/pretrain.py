@@ -180,7 +180,8 @@ def fit(cfg: Config, log_samples: bool = False, callbacks: list | None = None, r
     tok_dir = prepare_tokenizer(cfg, run_dir)
     uri, run_id = mlflow_run(cfg, run_dir, preset=preset)
     init_ray(cfg)
-    args = LoopArgs(cfg, tok_dir, run_dir, uri, run_id, log_samples, list(callbacks or []), validator)
+    args = LoopArgs(cfg, tok_dir, run_dir, uri, run_id, log_samples, list(callbacks or []), validator,
+                    os.environ.get(log.LEVEL_ENV))
     storage_path, storage_fs = storage.ray_storage(cfg.train.output_dir)
     trainer = TorchTrainer(
         train_loop, train_loop_config={"args": args},

@@ -59,6 +59,12 @@ def scalars(logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
     return {**{k: float(v) for k, v in logs.items() if k not in keys}, **dict(zip(keys, read))}
 
 
+def restore_seeds(batch: Batch, device) -> torch.Tensor:
+    """(B, 1 + V) int64 corruption seeds for the restoration term (``restore``): each input's own
+    augmentation seed (host data, so exact resume corrupts as before), copied without a sync."""
+    return to_device(torch.from_numpy(np.ascontiguousarray(batch.params[..., 6]).astype(np.int64)), device)
+
+
 def model_inputs(batch: Batch, data: DataConfig, dtype: torch.dtype, kernel: str = "auto"):
     """int16 HU + parameters -> the float image (B,1,X,Y,Z) and views (B,V,1,x,y,z) or None."""
     image = augment(batch.image, batch.params[:, 0], data.hu_window, kernel).to(dtype)
@@ -76,7 +82,8 @@ def train_step(engine, loss_fn, batch: Batch, data: DataConfig, dtype: torch.dty
     loss terms as 0-d device tensors (``scalars`` reads them)."""
     image, views = model_inputs(batch, data, dtype, kernel)
     negations = None if batch.neg_input_ids is None else (batch.neg_input_ids, batch.neg_attention_mask)
-    out = engine(image, batch.input_ids, batch.attention_mask, views, negations)
+    seeds = restore_seeds(batch, image.device) if getattr(engine.module, "restorer", None) is not None else None
+    out = engine(image, batch.input_ids, batch.attention_mask, views, negations, seeds)
     loss, logs = loss_fn(out)
     engine.backward(loss)
     engine.step()

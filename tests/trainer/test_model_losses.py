@@ -12,10 +12,16 @@ import torch.nn.functional as F
 from common.config import load_config
 from tests.conftest import REPO
 from trainer.config import TMAConfig
-from trainer.losses import (T3DLoss, clip_loss, consistency_loss, local_alignment_loss, sentence_loss,
-                            token_region_similarity)
-from trainer.losses.tma import sinkhorn
+from trainer.losses import (
+    T3DLoss,
+    clip_loss,
+    consistency_loss,
+    local_alignment_loss,
+    sentence_loss,
+    token_region_similarity,
+)
 from trainer.losses.dist import ranks_agree
+from trainer.losses.tma import sinkhorn
 from trainer.model import build_model
 from trainer.model.t3d import count_parameters, pack_tokens
 

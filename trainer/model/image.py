@@ -1,4 +1,5 @@
-"""3D ResNet image encoder (MONAI), exposing the pooled embedding and the last feature map."""
+"""3D ResNet image encoder (MONAI), exposing the pooled embedding, the last feature map and (on
+request) every stage's feature map."""
 from __future__ import annotations
 
 import torch
@@ -93,15 +94,24 @@ class ImageEncoder(nn.Module):
         self.pool = cfg.image_pool
         expansion = 4 if cfg.image_block == "bottleneck" else 1
         self.out_dim = cfg.image_widths[-1] * expansion
+        self.stage_dims = [cfg.image_widths[0]] + [w * expansion for w in cfg.image_widths]   # stem, layer1..4
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, stages: bool = False):
+        """``stages``: also return the per-stage feature maps, finest first: the stem (after its
+        activation, before the max pool), then layer1 ... layer4 (each (B, C_k, d_k, h_k, w_k); the
+        last is the map the regions come from). The restoration decoder's skips use them."""
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"image input must be (B, 1, D, H, W), got {tuple(x.shape)}")
         n = self.net
         x = n.act(n.bn1(n.conv1(self.windows(x))))
+        feats = [x]
         if not n.no_max_pool:
             x = n.maxpool(x)
-        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
+            x = layer(x)
+            feats.append(x)
         grid = tuple(x.shape[2:])
         local = x.flatten(2).transpose(1, 2)          # (B, N, C)
+        if stages:
+            return pool_regions(local, self.pool), local, grid, feats
         return pool_regions(local, self.pool), local, grid

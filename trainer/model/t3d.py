@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import ModelConfig, TMAConfig
+from trainer.config import ModelConfig, RestoreConfig, TMAConfig
 from trainer.model.image import ImageEncoder
+from trainer.model.restore import RestoreDecoder, restore_through
 from trainer.model.text import TextEncoder
 
 
@@ -59,7 +60,8 @@ def projection(kind: str, d_in: int, d_out: int) -> nn.Module:
 
 
 class T3D(nn.Module):
-    def __init__(self, mcfg: ModelConfig, tcfg: TMAConfig, vocab_size: int | None = None):
+    def __init__(self, mcfg: ModelConfig, tcfg: TMAConfig, vocab_size: int | None = None,
+                 rcfg: RestoreConfig | None = None):
         super().__init__()
         self.image = ImageEncoder(mcfg)
         self.text = TextEncoder(mcfg, vocab_size)
@@ -77,6 +79,10 @@ class T3D(nn.Module):
         self.prototypes = nn.Parameter(torch.randn(tcfg.prototypes, e) / math.sqrt(e))
         self.tcfg = tcfg
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / mcfg.init_temperature)]))  # 1-d: DeepSpeed broadcasts bytes
+        # text-informed restoration (``restore``): built last, so the other parameters' init does not
+        # depend on it; disabled, the model has no parameter more than without it
+        self.rcfg = rcfg if rcfg is not None else RestoreConfig()
+        self.restorer = RestoreDecoder(self.image.stage_dims, dl, self.rcfg, mcfg.conv1_stride) if self.rcfg.enabled else None
 
     # ----------------------------------------------------------------------------- encoders
     def encode_image(self, x: torch.Tensor):
@@ -142,9 +148,12 @@ class T3D(nn.Module):
 
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 views: torch.Tensor | None = None,
-                negations: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                negations: tuple[torch.Tensor, torch.Tensor] | None = None,
+                restore_seeds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """image (B,1,D,H,W); views (B,V,1,d,h,w) or None; ``negations`` the (ids, mask) of each
-        sentence negated, (B,S,Ls) like the report (``data.augment.negated_sentences``) or None.
+        sentence negated, (B,S,Ls) like the report (``data.augment.negated_sentences``) or None;
+        ``restore_seeds`` (B, 1+V) each input's corruption seed (the loader's augmentation seeds,
+        ``params[..., 6]``), or None: no restoration (nor without ``restore.enabled``).
         Returns every tensor the losses need."""
         img, _ = self.encode_image(image)
         per_sentence = self.tcfg.w_sentence > 0
@@ -169,16 +178,50 @@ class T3D(nn.Module):
                 else:
                     pooled = vr.float().mean(2)
                 out["view_scores"] = self.prototype_scores(pooled.to(vr.dtype))
+        if self.restorer is not None and restore_seeds is not None:
+            out.update(self.restore_outputs(image, views, tokens, tmask, restore_seeds))
         return out
+
+    def restore_outputs(self, image: torch.Tensor, views: torch.Tensor | None, tokens: torch.Tensor,
+                        token_mask: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The restoration of the volume and of each view (``trainer.losses.restore`` reads them):
+        restored input, its target (the clean input) and the corrupted-voxel mask. Call only from
+        forward (ZeRO-3)."""
+        c = self.rcfg
+        tok, tm = (tokens, token_mask) if c.text_informed else (None, None)
+        _, mask, pred = restore_through(self.image, self.restorer, image, seeds[:, 0], c, tok, tm)
+        out = {"restore_image": pred, "restore_image_target": image, "restore_image_mask": mask}
+        if views is not None and views.shape[1] > 0:
+            b, v = views.shape[:2]
+            if tok is not None:
+                tok, tm = tok.repeat_interleave(v, 0), tm.repeat_interleave(v, 0)
+            _, mask, pred = restore_through(self.image, self.restorer, views.flatten(0, 1), seeds[:, 1:1 + v].reshape(-1),
+                                            c, tok, tm)
+            out.update(restore_views=pred.view(views.shape), restore_views_target=views,
+                       restore_views_mask=mask.view(views.shape))
+        return out
+
+    def restore_study(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      seeds: torch.Tensor):
+        """Outside training (the picture, ``trainer.model.restore.restoration_figure``): image
+        (B,1,X,Y,Z) in [0, 1], its reports, seeds (B,) -> (corrupted, mask, restored)."""
+        if self.restorer is None:
+            raise ValueError("the model has no restoration decoder (restore.enabled=false)")
+        _, tokens, tmask = self.encode_text(input_ids, attention_mask)
+        if self.rcfg.text_informed:
+            return restore_through(self.image, self.restorer, image, seeds, self.rcfg, tokens, tmask)
+        return restore_through(self.image, self.restorer, image, seeds, self.rcfg)
 
 
 def build_model(cfg: Config, vocab_size: int | None = None) -> T3D:
-    return T3D(cfg.model, cfg.tma, vocab_size)
+    return T3D(cfg.model, cfg.tma, vocab_size, getattr(cfg, "restore", None))
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     parts = {"image": model.image, "text": model.text}
+    if getattr(model, "restorer", None) is not None:
+        parts["restorer"] = model.restorer
     out = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
     out["total"] = sum(p.numel() for p in model.parameters())
-    out["heads"] = out["total"] - out["image"] - out["text"]
+    out["heads"] = out["total"] - sum(out[k] for k in parts)
     return out
