@@ -105,6 +105,13 @@ def hash_fraction(key: str) -> float:
 
 
 # ------------------------------------------------------------------------------------- CT-RATE
+# CT-RATE's tables: folder, then the file of each split (reports, labels, metadata), and the report columns
+CTRATE_DIRS = ("radiology_text_reports", "multi_abnormality_labels", "metadata")
+CTRATE_TABLES = {"train": ("train_reports.csv", "train_predicted_labels.csv", "train_metadata.csv"),
+                 "valid": ("validation_reports.csv", "valid_predicted_labels.csv", "validation_metadata.csv")}
+CTRATE_REPORT_COLUMNS = ("ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
+
+
 def ctrate(root: Path) -> tuple[list[Study], list[Rejected]]:
     """CT-RATE (``dataset/`` as downloaded from Hugging Face)::
 
@@ -118,11 +125,8 @@ def ctrate(root: Path) -> tuple[list[Study], list[Rejected]]:
     from metadata are applied to the stored values when the NIfTI header carries no scaling.
     """
     studies, rejects = [], []
-    split_files = {"train": ("train_reports.csv", "train_predicted_labels.csv", "train_metadata.csv"),
-                   "valid": ("validation_reports.csv", "valid_predicted_labels.csv",
-                             "validation_metadata.csv")}
     found_any = False
-    for split, (rep_name, lab_name, meta_name) in split_files.items():
+    for split, (rep_name, lab_name, meta_name) in CTRATE_TABLES.items():
         vol_dir = root / split
         if not vol_dir.is_dir():
             continue

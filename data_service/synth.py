@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from common.labels import FINDINGS
+from data_service.sources import CTRATE_DIRS, CTRATE_REPORT_COLUMNS, CTRATE_TABLES
 
 PLANTED = ("Lung nodule", "Arterial wall calcification", "Consolidation", "Hiatal hernia",
            "Pericardial effusion", "Cardiomegaly", "Pleural effusion", "Emphysema")
@@ -237,17 +238,43 @@ def generate(out: str | Path, n: int, seed: int = 0, valid_fraction: float = 0.3
     n_valid = max(1, int(round(n * valid_fraction))) if n > 1 else 0
     jobs = [(out, seed, idx, "valid" if idx >= n - n_valid else "train", prevalence, heldout_wording)
             for idx in range(n)]
-    if workers > 1 and n > 1:
+    rows = run_cases(_write_case, jobs, workers, chunksize=8)
+    write_ctrate_tables(out, {split: [_table_row(i, r) for i, r in enumerate(rs)] for split, rs in rows.items()})
+    return {k: len(v) for k, v in rows.items()}
+
+
+def run_cases(write_case, jobs: list, workers: int, chunksize: int) -> dict[str, list[dict]]:
+    """``write_case(job) -> (split, row)`` over ``jobs`` (in ``workers`` spawned processes when > 1);
+    the rows by split, in job order (the output does not depend on ``workers``)."""
+    if workers > 1 and len(jobs) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            done = list(pool.map(_write_case, jobs, chunksize=8))
+            done = list(pool.map(write_case, jobs, chunksize=chunksize))
     else:
-        done = [_write_case(j) for j in jobs]
-    rows = {"train": [r for sp, r in done if sp == "train"], "valid": [r for sp, r in done if sp == "valid"]}
-    _write_tables(out, rows)
-    return {k: len(v) for k, v in rows.items()}
+        done = [write_case(j) for j in jobs]
+    return {s: [r for sp, r in done if sp == s] for s in CTRATE_TABLES}
+
+
+def write_ctrate_tables(out: Path, rows: dict[str, list[dict]]) -> None:
+    """CT-RATE's report, label and metadata tables (``data_service.sources`` reads them) for ``rows``
+    by split, each ``{"name", "report": {column: text}, "labels": {finding: 0/1}, "metadata": {column:
+    value}}`` (the metadata columns: the first row's, in its order)."""
+    for d in CTRATE_DIRS:
+        (out / d).mkdir(parents=True, exist_ok=True)
+    for split, (rep, lab, meta) in CTRATE_TABLES.items():
+        tables = ((CTRATE_DIRS[0], rep, CTRATE_REPORT_COLUMNS, "report"), (CTRATE_DIRS[1], lab, FINDINGS, "labels"))
+        for folder, name, cols, key in tables:
+            with open(out / folder / name, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["VolumeName", *cols])
+                w.writerows([r["name"], *[r[key][c] for c in cols]] for r in rows[split])
+        cols = list(rows[split][0]["metadata"]) if rows[split] else []
+        with open(out / CTRATE_DIRS[2] / meta, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["VolumeName", *cols])
+            w.writerows([r["name"], *[r["metadata"][c] for c in cols]] for r in rows[split])
 
 
 def _write_case(job) -> tuple[str, dict]:
@@ -281,31 +308,16 @@ def _write_case(job) -> tuple[str, dict]:
                    "spacing": spacing, "shape": shape, "raw": raw_storage}
 
 
-def _write_tables(out: Path, rows):
-    (out / "radiology_text_reports").mkdir(parents=True, exist_ok=True)
-    (out / "multi_abnormality_labels").mkdir(parents=True, exist_ok=True)
-    (out / "metadata").mkdir(parents=True, exist_ok=True)
-    names = {"train": ("train_reports.csv", "train_predicted_labels.csv", "train_metadata.csv"),
-             "valid": ("validation_reports.csv", "valid_predicted_labels.csv", "validation_metadata.csv")}
-    for split, (rep, lab, meta) in names.items():
-        with open(out / "radiology_text_reports" / rep, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"])
-            for r in rows[split]:
-                w.writerow([r["name"], "Phantom study.", "Non-contrast chest CT.", r["findings"], r["impression"]])
-        with open(out / "multi_abnormality_labels" / lab, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["VolumeName", *FINDINGS])
-            for r in rows[split]:
-                w.writerow([r["name"], *[r["labels"][k] for k in FINDINGS]])
-        with open(out / "metadata" / meta, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["VolumeName", "Manufacturer", "XYSpacing", "ZSpacing", "RescaleIntercept",
-                        "RescaleSlope", "Rows", "Columns", "NumberofSlices", "PatientSex", "PatientAge"])
-            for i, r in enumerate(rows[split]):
-                sp, sh = r["spacing"], r["shape"]
-                w.writerow([r["name"], "PhantomCT", f"[{sp[0]}, {sp[1]}]", sp[2], -1024 if r["raw"] else 0,
-                            1, sh[1], sh[0], sh[2], "MF"[i % 2], f"{40 + i % 40:03d}Y"])
+def _table_row(i: int, r: dict) -> dict:
+    """A case's rows of the CT-RATE tables (``i``: its place in its split)."""
+    sp, sh = r["spacing"], r["shape"]
+    return {"name": r["name"], "labels": r["labels"],
+            "report": {"ClinicalInformation_EN": "Phantom study.", "Technique_EN": "Non-contrast chest CT.",
+                       "Findings_EN": r["findings"], "Impressions_EN": r["impression"]},
+            "metadata": {"Manufacturer": "PhantomCT", "XYSpacing": f"[{sp[0]}, {sp[1]}]", "ZSpacing": sp[2],
+                         "RescaleIntercept": -1024 if r["raw"] else 0, "RescaleSlope": 1, "Rows": sh[1],
+                         "Columns": sh[0], "NumberofSlices": sh[2], "PatientSex": "MF"[i % 2],
+                         "PatientAge": f"{40 + i % 40:03d}Y"}}
 
 
 def main(argv: list[str] | None = None) -> int:

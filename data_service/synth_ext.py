@@ -29,7 +29,6 @@ was (the tests use that). One volume is in memory per worker.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from common.labels import FINDINGS
-from data_service.synth import PLANTED
+from data_service.synth import PLANTED, run_cases, write_ctrate_tables
 
 ORIENTATIONS = ("LPS", "LPS", "LPI", "RAS", "LAS", "RPI", "PLS")
 VENDORS = ("Helix Systems", "Aurora Medical", "Northwind Imaging")
@@ -1096,46 +1095,23 @@ def generate(out: str | Path, n: int, seed: int = 0, valid_fraction: float = 0.3
     n_valid = max(1, int(round(n * valid_fraction))) if n > 1 else 0
     jobs = [(out, seed, i, "valid" if i >= n - n_valid else "train", prevalence, heldout_wording, voxel_scale)
             for i in range(n)]
-    if workers > 1 and n > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            done = list(pool.map(_write_case, jobs, chunksize=4))
-    else:
-        done = [_write_case(j) for j in jobs]
-    rows = {s: [r for sp, r in done if sp == s] for s in ("train", "valid")}
-    _write_tables(out, rows)
+    rows = run_cases(_write_case, jobs, workers, chunksize=4)
+    write_ctrate_tables(out, {split: [_table_row(r) for r in rs] for split, rs in rows.items()})
     return {k: len(v) for k, v in rows.items()}
 
 
-def _write_tables(out: Path, rows):
-    for d in ("radiology_text_reports", "multi_abnormality_labels", "metadata"):
-        (out / d).mkdir(parents=True, exist_ok=True)
-    names = {"train": ("train_reports.csv", "train_predicted_labels.csv", "train_metadata.csv"),
-             "valid": ("validation_reports.csv", "valid_predicted_labels.csv", "validation_metadata.csv")}
-    for split, (rep, lab, meta) in names.items():
-        with open(out / "radiology_text_reports" / rep, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"])
-            for r in rows[split]:
-                d = r["det"]
-                tech = f"Non-contrast CT of the thorax, {d['thickness']:g} mm slices, {d['kernel']} kernel."
-                w.writerow([r["name"], "External phantom study.", tech, r["findings"], r["impression"]])
-        with open(out / "multi_abnormality_labels" / lab, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["VolumeName", *FINDINGS])
-            for r in rows[split]:
-                w.writerow([r["name"], *[r["labels"][k] for k in FINDINGS]])
-        with open(out / "metadata" / meta, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["VolumeName", "Manufacturer", "XYSpacing", "ZSpacing", "RescaleIntercept", "RescaleSlope",
-                        "Rows", "Columns", "NumberofSlices", "SliceThickness", "PatientSex", "PatientAge"])
-            for r in rows[split]:
-                d = r["det"]
-                sp, sh = d["spacing"], d["shape"]
-                w.writerow([r["name"], d["vendor"], f"[{sp[0]}, {sp[1]}]", sp[2], 0 if d["storage"] == "hu" else -1024,
-                            1, sh[1], sh[0], sh[2], d["thickness"], d["sex"], f"{d['age']:03d}Y"])
+def _table_row(r: dict) -> dict:
+    """A case's rows of the CT-RATE tables (``synth.write_ctrate_tables``)."""
+    d = r["det"]
+    sp, sh = d["spacing"], d["shape"]
+    tech = f"Non-contrast CT of the thorax, {d['thickness']:g} mm slices, {d['kernel']} kernel."
+    return {"name": r["name"], "labels": r["labels"],
+            "report": {"ClinicalInformation_EN": "External phantom study.", "Technique_EN": tech,
+                       "Findings_EN": r["findings"], "Impressions_EN": r["impression"]},
+            "metadata": {"Manufacturer": d["vendor"], "XYSpacing": f"[{sp[0]}, {sp[1]}]", "ZSpacing": sp[2],
+                         "RescaleIntercept": 0 if d["storage"] == "hu" else -1024, "RescaleSlope": 1,
+                         "Rows": sh[1], "Columns": sh[0], "NumberofSlices": sh[2], "SliceThickness": d["thickness"],
+                         "PatientSex": d["sex"], "PatientAge": f"{d['age']:03d}Y"}}
 
 
 def main(argv: list[str] | None = None) -> int:
