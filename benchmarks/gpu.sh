@@ -14,6 +14,9 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 timeout 150 python3 -m pytest -p no:cacheprovider --noconftest -q -o addopts="" tests/trainer/test_kernels.py 2>&1 | tee "$OUT/kernel_tests.log"
+# no host sync inside an accumulation window (torch.cuda.set_sync_debug_mode("error"), issue #31 item 1)
+timeout 120 python3 -m pytest -p no:cacheprovider --noconftest -q -o addopts="" tests/trainer/test_step.py \
+  -k "cuda_sync" 2>&1 | tee "$OUT/sync_test.log"
 timeout 120 python3 -m benchmarks.kernels 2>&1 | tee "$OUT/kernels.log"
 timeout 420 python3 -m benchmarks.train_step --config configs/t3d.yaml --runs ${RUNS:-0 2 3 2+triton 2+nobench} 2>&1 \
   | grep -v "FutureWarning\|return func" | tee "$OUT/train_step.log"
