@@ -20,6 +20,7 @@ import pytest
 
 from cluster import local, objectstore
 from common import storage
+from common.metric_names import mlflow_name
 from tests.cluster import procs
 from tests.conftest import REPO
 
@@ -160,7 +161,7 @@ def test_pretrain_on_object_storage_with_faults(tmp_path, monkeypatch):
         client = MlflowClient(st["mlflow_uri"])
         assert summary["mlflow_uri"] == st["mlflow_uri"]
         for name in ("loss/loss", "health/image_cosine"):        # representation health is logged too
-            steps = {m.step for m in client.get_metric_history(summary["mlflow_run_id"], name)}
+            steps = {m.step for m in client.get_metric_history(summary["mlflow_run_id"], mlflow_name(name))}
             assert steps >= {3, 4, 5, 6, 7, 8}, (name, sorted(steps))
         # the one-shot CLIs on an s3:// checkpoint
         ck = storage.join(run, "step_0000008")
