@@ -78,8 +78,10 @@ def main(argv=None) -> int:
 
 def bench_augment(volumes: int, iters: int) -> bool:
     """Reference vs fused augmentation on a paper-grid micro-batch; True when they agree to 1e-5."""
+    import numpy as np
     import torch
 
+    from data_service.views import AugmentParams
     from trainer.augment import augment_reference
     from trainer.kernels import augment
 
@@ -89,11 +91,8 @@ def bench_augment(volumes: int, iters: int) -> bool:
     for shape in ((volumes, 1, 256, 256, 128), (2 * volumes, 1, 128, 128, 64)):
         n = shape[0]
         x = torch.randint(-1200, 3200, shape, generator=g, dtype=torch.int16).cuda()
-        p = torch.zeros(n, 7, dtype=torch.float64)
-        p[:, :3] = torch.randint(0, 2, (n, 3), generator=g).double()
-        p[:, 3], p[:, 4], p[:, 5] = 1.05, -0.02, 0.02
-        p[:, 6] = torch.arange(n, dtype=torch.float64) * 7919
-        p = p.cuda()
+        p = AugmentParams(flips=torch.randint(0, 2, (n, 3), generator=g).numpy() > 0, scale=np.full(n, 1.05),
+                          shift=np.full(n, -0.02), noise_std=np.full(n, 0.02), seed=np.arange(n, dtype=np.int64) * 7919)
         err = (augment(x, p, window, "triton") - augment_reference(x, p, window)).abs().max().item()
         times = {}
         for name, fn in (("reference", lambda: augment_reference(x, p, window)),

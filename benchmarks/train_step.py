@@ -24,23 +24,25 @@ import time
 
 
 def synthetic_batch(cfg, batch: int, vocab: int, device, seed: int = 0):
+    import numpy as np
     import torch
 
+    from data_service.views import AugmentParams
     from trainer.step import Batch
 
     g = torch.Generator().manual_seed(seed)
     d, v = cfg.data, cfg.data.views.n
     image = torch.randint(-1000, 1500, (batch, 1, *d.size), generator=g, dtype=torch.int16)
     views = torch.randint(-1000, 1500, (batch, v, 1, *d.views.size), generator=g, dtype=torch.int16)
-    params = torch.zeros(batch, 1 + v, 7, dtype=torch.float64)
-    params[..., :3] = torch.randint(0, 2, (batch, 1 + v, 3), generator=g).double()
-    params[..., 3], params[..., 5] = 1.0, d.views.noise_std
-    params[..., 6] = torch.arange(batch * (1 + v), dtype=torch.float64).view(batch, 1 + v)
+    shape = (batch, 1 + v)
+    params = AugmentParams(flips=torch.randint(0, 2, (*shape, 3), generator=g).numpy() > 0, scale=np.ones(shape),
+                           shift=np.zeros(shape), noise_std=np.full(shape, float(d.views.noise_std)),
+                           seed=np.arange(batch * (1 + v), dtype=np.int64).reshape(shape))
     if cfg.model.text_unit == "sentence":      # (B, S, Ls): every sentence slot full, the worst case
         ids = torch.randint(5, vocab, (batch, d.max_sentences, d.max_sentence_tokens), generator=g)
     else:
         ids = torch.randint(5, vocab, (batch, d.max_text_tokens), generator=g)
-    return Batch(image.to(device), views.to(device) if v else None, params.numpy(), ids.to(device),
+    return Batch(image.to(device), views.to(device) if v else None, params, ids.to(device),
                  torch.ones_like(ids).to(device))
 
 

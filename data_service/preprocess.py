@@ -125,8 +125,11 @@ class CanonicalCTd:
         return d
 
 
-def normalize_hu(x, window: Sequence[float] = (-1000.0, 1000.0)):
-    """HU -> [0, 1] inside the window (torch or numpy)."""
+def hu_to_unit(x, window: Sequence[float] = (-1000.0, 1000.0)):
+    """THE HU window, for evaluation and training alike: float HU (torch or numpy, any shape) ->
+    clip((x - lo) / (hi - lo), 0, 1) in x's float dtype. ``to_model_input`` (evaluation) and
+    ``trainer.augment.augment_reference`` (training) call it; the fused kernel
+    (``trainer/kernels/augment_kernel.py``) computes the same formula, checked against the reference."""
     lo, hi = float(window[0]), float(window[1])
     if hi <= lo:
         raise ValueError(f"hu_window must be increasing, got {window!r}")
@@ -136,10 +139,11 @@ def normalize_hu(x, window: Sequence[float] = (-1000.0, 1000.0)):
 
 def to_model_input(hu, data: DataConfig):
     """HU of any dtype (torch tensor or numpy array, any shape) -> the network's float32 input in
-    [0, 1] (``data.hu_window``), on the same device."""
+    [0, 1] (``data.hu_window``, ``hu_to_unit``), on the same device: the training input with no
+    augmentation (``trainer.augment`` with identity parameters gives the very same numbers)."""
     if isinstance(hu, np.ndarray):
-        return normalize_hu(hu.astype(np.float32), data.hu_window)
-    return normalize_hu(hu.float(), data.hu_window)
+        return hu_to_unit(hu.astype(np.float32), data.hu_window)
+    return hu_to_unit(hu.float(), data.hu_window)
 
 
 @dataclass

@@ -7,7 +7,8 @@ The work is split where it is cheapest (docs/design.md, "Data path"):
   resumed run rebuilds the very same sample. The parameters of the float work (flips, intensity
   scale and shift, noise seed) are drawn here too, and shipped beside the int16 arrays;
 - on the trainer's device (``trainer.augment``): the HU window, flips, intensity jitter and noise,
-  from those parameters (one fused kernel on a GPU).
+  from those parameters (one fused kernel on a GPU). ``AugmentParams`` names them; it alone knows
+  their order in the packed float64 array the loader ships.
 MONAI's ``Rand*`` transforms are not used for the random part: each holds its own RandomState and
 does its float work on the loader's CPU, whereas here one seeded draw decides everything and the
 float work moves to the accelerator. The resize is MONAI's ``Resize``.
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -25,8 +27,7 @@ from data_service.config import AugmentConfig, DataConfig, ViewsConfig
 from data_service.preprocess import AIR
 
 N_PARAMS = 7
-"""Per volume or view: flip x, flip y, flip z (0/1), intensity scale, intensity shift, noise std,
-noise seed (float64 holds it exactly)."""
+"""Width of the packed parameters (``AugmentParams.to_array``): the loader's wire format."""
 _SENTENCE = re.compile(r"(?<=[.;!?])\s+")
 
 
@@ -35,18 +36,88 @@ def seed_for(base_seed: int, epoch: int, key: str) -> int:
     return int(h[:15], 16)
 
 
-def float_params(rng: np.random.Generator, flip_prob: float, jitter: float, noise_std: float) -> np.ndarray:
-    """The device-side augmentation of one volume or view (see N_PARAMS)."""
-    flips = [float(rng.random() < flip_prob) for _ in range(3)]
-    a = 1.0 + rng.uniform(-jitter, jitter) if jitter > 0 else 1.0
-    b = rng.uniform(-jitter, jitter) if jitter > 0 else 0.0
-    return np.array([*flips, a, b, noise_std, float(rng.integers(0, 2**31 - 1))], np.float64)
+@dataclass(frozen=True, eq=False)
+class AugmentParams:
+    """The device-side augmentation of volumes or views, batch shape ``S`` (e.g. (B, 1 + V): row 0
+    the whole volume, then the views). Host (numpy) data by design: the parameters steer Python
+    control flow and the kernel's launch, so reading them never syncs a device.
+
+    This class owns the field order: ``to_array``/``from_array`` are the only code that packs or
+    reads the (S..., N_PARAMS) float64 array the loader ships through Ray Data (flip x, flip y,
+    flip z, intensity scale, intensity shift, noise std, noise seed; float64 holds the seed exactly)."""
+    flips: np.ndarray         # S + (3,) bool: flip along x, y, z
+    scale: np.ndarray         # S float64: intensity scale (applied to the [0, 1] window)
+    shift: np.ndarray         # S float64: intensity shift
+    noise_std: np.ndarray     # S float64: std of the hashed gaussian noise (0: none)
+    seed: np.ndarray          # S int64: the noise seed, also the restoration's corruption seed
+
+    def __post_init__(self):
+        s = np.shape(self.scale)
+        if np.shape(self.flips) != (*s, 3) or any(np.shape(v) != s for v in (self.shift, self.noise_std, self.seed)):
+            raise ValueError(f"AugmentParams: fields of inconsistent shapes {[np.shape(getattr(self, f.name)) for f in fields(self)]}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.scale.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @classmethod
+    def from_array(cls, a) -> "AugmentParams":
+        """The packed (S..., N_PARAMS) host array (numpy, or a CPU tensor) -> the fields."""
+        a = np.asarray(a, dtype=np.float64)
+        if a.ndim < 1 or a.shape[-1] != N_PARAMS:
+            raise ValueError(f"augmentation parameters: expected (..., {N_PARAMS}), got {a.shape}")
+        return cls(a[..., 0:3] > 0.5, a[..., 3].copy(), a[..., 4].copy(), a[..., 5].copy(),
+                   a[..., 6].astype(np.int64))
+
+    def to_array(self) -> np.ndarray:
+        """The fields -> the packed (S..., N_PARAMS) float64 array (``from_array`` inverts it)."""
+        cols = [self.flips.astype(np.float64), self.scale[..., None], self.shift[..., None],
+                self.noise_std[..., None], self.seed.astype(np.float64)[..., None]]
+        return np.concatenate(cols, axis=-1)
+
+    @classmethod
+    def identity(cls, shape) -> "AugmentParams":
+        """No flips, scale 1, shift 0, no noise (seed 0): the plain HU window."""
+        shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(d) for d in shape)
+        return cls(np.zeros((*shape, 3), bool), np.ones(shape), np.zeros(shape), np.zeros(shape),
+                   np.zeros(shape, np.int64))
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, flip_prob: float, jitter: float, noise_std: float) -> "AugmentParams":
+        """One volume's or view's parameters (shape ()), drawn from ``rng`` in a fixed order (three
+        flips, scale, shift, seed): the same generator state gives the same parameters."""
+        flips = [rng.random() < flip_prob for _ in range(3)]
+        a = 1.0 + rng.uniform(-jitter, jitter) if jitter > 0 else 1.0
+        b = rng.uniform(-jitter, jitter) if jitter > 0 else 0.0
+        seed = int(rng.integers(0, 2**31 - 1))
+        return cls(np.array(flips, bool), np.array(float(a)), np.array(float(b)), np.array(float(noise_std)),
+                   np.array(seed, np.int64))
+
+    @classmethod
+    def stack(cls, items: Sequence["AugmentParams"], axis: int = 0) -> "AugmentParams":
+        """Stack parameters of equal shape along a new batch axis (none: shape (0,))."""
+        if not items:
+            return cls.identity((0,))
+        return cls(*(np.stack([getattr(p, f.name) for p in items], axis) for f in fields(cls)))
+
+    def __getitem__(self, idx) -> "AugmentParams":
+        """Index the batch axes (``p[:, 0]``, ``p[rows]``, ``p[..., 0]``); the flips keep their last axis."""
+        last = (idx if isinstance(idx, tuple) else (idx,)) + (slice(None),)
+        return AugmentParams(self.flips[last], self.scale[idx], self.shift[idx], self.noise_std[idx], self.seed[idx])
+
+    def reshape(self, *shape: int) -> "AugmentParams":
+        """A new batch shape (e.g. ``reshape(-1)`` flattens (B, V) to (B x V,))."""
+        return AugmentParams(self.flips.reshape(*shape, 3), self.scale.reshape(*shape), self.shift.reshape(*shape),
+                             self.noise_std.reshape(*shape), self.seed.reshape(*shape))
 
 
 class MultiViewCrop:
     """Array transform: int16 HU (X, Y, Z) -> V random crops resized to ``views.size`` (int16) and
-    their float parameters (V, N_PARAMS). A crop's edge is a random fraction (``views.scale``) of the
-    volume's edge."""
+    their packed float parameters (V, N_PARAMS; ``AugmentParams.to_array``). A crop's edge is a random
+    fraction (``views.scale``) of the volume's edge."""
 
     def __init__(self, cfg: ViewsConfig):
         if cfg.n < 0:
@@ -61,7 +132,7 @@ class MultiViewCrop:
             raise ValueError(f"volume must be (X, Y, Z), got {tuple(hu.shape)}")
         c = self.cfg
         views = np.empty((c.n, 1, *c.size), np.int16)
-        params = np.empty((c.n, N_PARAMS), np.float64)
+        params = []
         for v in range(c.n):
             s = rng.uniform(c.scale[0], c.scale[1])
             size = [max(4, int(round(d * s))) for d in hu.shape]
@@ -69,8 +140,8 @@ class MultiViewCrop:
             crop = hu[start[0]:start[0] + size[0], start[1]:start[1] + size[1], start[2]:start[2] + size[2]]
             out = self.resize(torch.from_numpy(crop.astype(np.float32))[None])
             views[v, 0] = np.rint(np.asarray(out[0])).astype(np.int16)
-            params[v] = float_params(rng, c.flip_prob, c.intensity_jitter, c.noise_std)
-        return views, params
+            params.append(AugmentParams.draw(rng, c.flip_prob, c.intensity_jitter, c.noise_std))
+        return views, AugmentParams.stack(params).to_array()
 
 
 class MultiViewCropd:
@@ -131,11 +202,12 @@ def prepare_sample(sample: dict[str, Any], data: DataConfig, seed: int,
                    crop: MultiViewCrop | None = None) -> dict[str, Any]:
     """A decoded shard sample -> the loader's part of a training sample (see the module doc):
     ``image`` (1, X, Y, Z) int16, ``views`` (V, 1, *views.size) int16, ``params`` (1 + V, N_PARAMS)
-    for the device-side float work (row 0: the whole volume), and the sampled ``report``."""
+    for the device-side float work (``AugmentParams.to_array``; row 0: the whole volume), and the sampled ``report``."""
     rng = np.random.default_rng(seed)
     aug = data.augment
     image = shift_volume(sample["ct"], rng, aug.shift)[None]
     views, vparams = (crop or MultiViewCrop(data.views))(sample["ct"], rng)
-    params = np.concatenate([float_params(rng, 0.0, aug.intensity_jitter, aug.noise_std)[None], vparams])
+    whole = AugmentParams.draw(rng, 0.0, aug.intensity_jitter, aug.noise_std)      # no flips of the whole volume
+    params = np.concatenate([AugmentParams.stack([whole]).to_array(), vparams])
     return {"key": sample["key"], "image": image, "views": views, "params": params,
             "report": augment_report(sample["report"], rng, aug)}

@@ -1,5 +1,6 @@
 """Device-side float work of a training sample (the loader ships int16 and parameters; see
-``data_service.views``): HU window -> [0, 1], flips, intensity scale and shift, gaussian noise.
+``data_service.views``): HU window -> [0, 1] (``data_service.preprocess.hu_to_unit``, the
+evaluation's window too), flips, intensity scale and shift, gaussian noise.
 
 ``augment_reference`` is the PyTorch reference; ``trainer.kernels.augment`` dispatches to the fused
 Triton kernel on a GPU. Noise comes from a counter-based generator (a 32-bit integer hash of the
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
+
+from data_service.preprocess import hu_to_unit
+from data_service.views import AugmentParams
 
 M32 = 0xFFFFFFFF
 _C1, _C2, _GOLD = 0x7FEB352D, 0x846CA68B, 0x9E3779B9
@@ -36,12 +39,16 @@ def noise_key(seed: int) -> int:
     return (hash32(int(seed) & M32) + _GOLD) & M32
 
 
-def host_params(params) -> np.ndarray:
-    """The (N, 7) augmentation parameters as host float64: they steer Python control flow and the
-    kernel's launch, and the loader ships them as numpy (a device tensor is copied back, a sync)."""
+def host_params(params) -> AugmentParams:
+    """The augmentation parameters as host data (``AugmentParams``): they steer Python control flow
+    and the kernel's launch. ``AugmentParams`` passes through (the training path: no copy, no sync);
+    a packed (N, 7) array (numpy, or a tensor: a device one is copied back, a sync) is unpacked by
+    ``AugmentParams.from_array``."""
+    if isinstance(params, AugmentParams):
+        return params
     if isinstance(params, torch.Tensor):
         params = params.detach().cpu().numpy()
-    return np.asarray(params, dtype=np.float64)
+    return AugmentParams.from_array(params)
 
 
 def hash_normal(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -55,21 +62,20 @@ def hash_normal(seed: int, n: int, device: torch.device | str = "cpu") -> torch.
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
 
 
-def augment_reference(x: torch.Tensor, params: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
-    """x (N, 1, X, Y, Z) HU of any dtype; params (N, 7) (``data_service.views.N_PARAMS``) ->
-    float32 (N, 1, X, Y, Z): clip((x - lo) / (hi - lo), 0, 1), flipped, times scale plus shift,
-    plus noise_std x hash_normal(seed) (indexed by the output voxel)."""
-    if x.ndim != 5 or params.shape != (x.shape[0], 7):
-        raise ValueError(f"augment: expected x (N,1,X,Y,Z) and params (N,7), got {tuple(x.shape)}, {tuple(params.shape)}")
-    lo, hi = float(window[0]), float(window[1])
-    y = ((x.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
-    out = torch.empty_like(y)
+def augment_reference(x: torch.Tensor, params: AugmentParams, window: tuple[float, float]) -> torch.Tensor:
+    """x (N, 1, X, Y, Z) HU of any dtype; params (N,) ``AugmentParams`` (or its packed (N, 7) array)
+    -> float32 (N, 1, X, Y, Z): ``hu_to_unit`` (clip((x - lo) / (hi - lo), 0, 1)), flipped, times
+    scale plus shift, plus noise_std x hash_normal(seed) (indexed by the output voxel)."""
     p = host_params(params)
+    if x.ndim != 5 or p.shape != (x.shape[0],):
+        raise ValueError(f"augment: expected x (N,1,X,Y,Z) and params (N,), got {tuple(x.shape)}, {p.shape}")
+    y = hu_to_unit(x.float(), window)
+    out = torch.empty_like(y)
     for k in range(x.shape[0]):
-        flips = [ax + 2 for ax in range(3) if p[k, ax] > 0.5]
+        flips = [ax + 2 for ax in range(3) if p.flips[k, ax]]
         v = y[k:k + 1].flip(flips) if flips else y[k:k + 1]
-        v = v * float(p[k, 3]) + float(p[k, 4])
-        if p[k, 5] > 0:
-            v = v + float(p[k, 5]) * hash_normal(int(p[k, 6]), v.numel(), v.device).view(v.shape)
+        v = v * float(p.scale[k]) + float(p.shift[k])
+        if p.noise_std[k] > 0:
+            v = v + float(p.noise_std[k]) * hash_normal(int(p.seed[k]), v.numel(), v.device).view(v.shape)
         out[k:k + 1] = v
     return out

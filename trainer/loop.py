@@ -29,6 +29,7 @@ import torch
 from common import log, storage
 from data_service.shards import iter_split
 from data_service.stream import Plan, build_index, rank_stream
+from data_service.views import AugmentParams
 from trainer import checkpoint as ckpt
 from trainer import engine as eng
 from trainer.export import export
@@ -123,10 +124,8 @@ def health_batch(cfg: Config, tokenizer, device) -> Batch:
         if len(samples) == cfg.train.health_batch:
             break
     enc = tokenize_reports(tokenizer, [s["report"] for s in samples], cfg)
-    params = np.zeros((len(samples), 1, 7), dtype=np.float64)
-    params[:, 0, 3] = 1.0                                  # scale 1, no flips, no shift, no noise
     return Batch(torch.from_numpy(np.stack([s["ct"] for s in samples])[:, None]).to(device), None,
-                 params, enc["input_ids"].to(device), enc["attention_mask"].to(device))
+                 AugmentParams.identity((len(samples), 1)), enc["input_ids"].to(device), enc["attention_mask"].to(device))
 
 
 def pick_checkpoint(given: Path | None, given_path: str | None, run_dir: str, rank: int,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from data_service.config import DataConfig
+from data_service.views import AugmentParams
 from trainer.kernels import augment
 
 
@@ -22,7 +23,7 @@ class Batch:
     """One micro-batch on the trainer's device, as the loader shipped it (int16 + parameters)."""
     image: torch.Tensor                 # (B, 1, X, Y, Z) int16 HU
     views: torch.Tensor | None          # (B, V, 1, x, y, z) int16 HU, or None (CLIP only)
-    params: np.ndarray                  # (B, 1 + V, 7) float64 on the host: row 0 the whole volume, then the views
+    params: AugmentParams               # (B, 1 + V) on the host: row 0 the whole volume, then the views
     input_ids: torch.Tensor             # (B, L)
     attention_mask: torch.Tensor        # (B, L)
     neg_input_ids: torch.Tensor | None = None       # (B, S, Ls) each sentence negated (data.augment.negated_sentences)
@@ -38,7 +39,8 @@ class Batch:
             return to_device(torch.from_numpy(host(name)), device)
 
         neg = [t(k) if k in b else None for k in ("neg_input_ids", "neg_attention_mask")]
-        return cls(t("image"), t("views") if views else None, host("params"), t("input_ids"), t("attention_mask"), *neg)
+        return cls(t("image"), t("views") if views else None, AugmentParams.from_array(host("params")),
+                   t("input_ids"), t("attention_mask"), *neg)
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -62,7 +64,7 @@ def scalars(logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
 def restore_seeds(batch: Batch, device) -> torch.Tensor:
     """(B, 1 + V) int64 corruption seeds for the restoration term (``restore``): each input's own
     augmentation seed (host data, so exact resume corrupts as before), copied without a sync."""
-    return to_device(torch.from_numpy(np.ascontiguousarray(batch.params[..., 6]).astype(np.int64)), device)
+    return to_device(torch.from_numpy(np.ascontiguousarray(batch.params.seed, dtype=np.int64)), device)
 
 
 def model_inputs(batch: Batch, data: DataConfig, dtype: torch.dtype, kernel: str = "auto"):
@@ -71,7 +73,7 @@ def model_inputs(batch: Batch, data: DataConfig, dtype: torch.dtype, kernel: str
     views = None
     if batch.views is not None and batch.views.shape[1] > 0:
         b, v = batch.views.shape[:2]
-        flat = augment(batch.views.flatten(0, 1), batch.params[:, 1:].reshape(-1, batch.params.shape[-1]), data.hu_window, kernel)
+        flat = augment(batch.views.flatten(0, 1), batch.params[:, 1:].reshape(-1), data.hu_window, kernel)
         views = flat.view(b, v, *flat.shape[1:]).to(dtype)
     return image, views
 

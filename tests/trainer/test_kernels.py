@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,19 +74,18 @@ def test_kernel_choice(monkeypatch):
 def test_augment_kernel_parity(shape):
     """The fused augmentation (window, flips, scale/shift, hashed noise) against its reference,
     at odd sizes spanning several blocks, with every flip combination and noise on and off."""
+    from data_service.views import AugmentParams
     from trainer.augment import augment_reference
     from trainer.kernels import augment
 
     g = torch.Generator().manual_seed(0)
     n = shape[0]
     x = torch.randint(-1200, 3200, shape, generator=g).to(torch.int16)
-    p = torch.zeros(n, 7, dtype=torch.float64)
-    p[:, :3] = torch.randint(0, 2, (n, 3), generator=g).double()
-    p[:, 3] = 1 + 0.2 * torch.rand(n, generator=g, dtype=torch.float64) - 0.1
-    p[:, 4] = 0.2 * torch.rand(n, generator=g, dtype=torch.float64) - 0.1
-    p[:, 5] = torch.tensor([0.02, 0.0, 0.1][:n], dtype=torch.float64)
-    p[:, 6] = torch.tensor([3.0, 2.0**31 - 2, 12345.0][:n], dtype=torch.float64)
-    x, p = x.to(DEV), p.to(DEV)
+    p = AugmentParams(flips=torch.randint(0, 2, (n, 3), generator=g).numpy() > 0,
+                      scale=(1 + 0.2 * torch.rand(n, generator=g, dtype=torch.float64) - 0.1).numpy(),
+                      shift=(0.2 * torch.rand(n, generator=g, dtype=torch.float64) - 0.1).numpy(),
+                      noise_std=np.array([0.02, 0.0, 0.1][:n]), seed=np.array([3, 2**31 - 2, 12345][:n], np.int64))
+    x = x.to(DEV)                                          # the parameters stay host data
     ref = augment_reference(x, p, (-1000.0, 1000.0))
     out = augment(x, p, (-1000.0, 1000.0), kernel="triton")
     assert out.dtype == torch.float32 and out.shape == shape

@@ -7,23 +7,24 @@ import pytest
 import torch
 
 from common.config import load_config
+from data_service.views import AugmentParams
 from tests.conftest import REPO
 from trainer.augment import augment_reference, hash_normal
 
 
 def test_augment_reference_hand_case():
     x = torch.tensor([[-1000, 0], [1000, 2000]], dtype=torch.int16).view(1, 1, 2, 2, 1).repeat(2, 1, 1, 1, 1)
-    p = torch.zeros(2, 7, dtype=torch.float64)
-    p[:, 3] = 1.0
-    p[1, :3] = torch.tensor([1.0, 0.0, 0.0])             # volume 1: flipped along x
-    p[1, 3], p[1, 4] = 2.0, -0.5                          # ... and scaled / shifted
+    p = AugmentParams.identity(2)
+    p.flips[1] = [True, False, False]                     # volume 1: flipped along x
+    p.scale[1], p.shift[1] = 2.0, -0.5                    # ... and scaled / shifted
     y = augment_reference(x, p, (-1000.0, 1000.0))
     assert y[0, 0, :, :, 0].tolist() == [[0.0, 0.5], [1.0, 1.0]]            # window, clipped at 1
     assert y[1, 0, :, :, 0].tolist() == [[1.5, 1.5], [-0.5, 0.5]]           # flip x, then 2 v - 0.5
-    p[:, 5], p[:, 6] = 0.1, 42.0                          # noise: std 0.1, seed 42
+    p.noise_std[:], p.seed[:] = 0.1, 42                   # noise: std 0.1, seed 42
     n = augment_reference(x, p, (-1000.0, 1000.0))
     torch.testing.assert_close(n[0] - y[0], 0.1 * hash_normal(42, 4).view(1, 2, 2, 1))
     assert torch.equal(n, augment_reference(x, p, (-1000.0, 1000.0)))       # same seed, same noise
+    assert torch.equal(n, augment_reference(x, torch.from_numpy(p.to_array()), (-1000.0, 1000.0)))  # the packed form
     z = hash_normal(3, 100_000)
     assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02 and not torch.equal(z, hash_normal(4, 100_000))
 

@@ -49,8 +49,8 @@ def token_cosines(regions: torch.Tensor, tokens: torch.Tensor, attn_temperature:
     return tr.token_cosines(regions, tokens, attn_temperature)
 
 
-def augment(x: torch.Tensor, params: torch.Tensor, window, kernel: str = "auto") -> torch.Tensor:
-    """int16 HU (N,1,X,Y,Z) + parameters (N,7) -> float32 model input (``trainer.augment``).
+def augment(x: torch.Tensor, params, window, kernel: str = "auto") -> torch.Tensor:
+    """int16 HU (N,1,X,Y,Z) + parameters (N,) (``data_service.views.AugmentParams``, host data) -> float32 model input (``trainer.augment``).
     ``kernel`` (``train.augment_kernel``): ``auto`` runs the fused kernel on CUDA tensors (see above)."""
     from trainer.augment import augment_reference
     from trainer.kernels import augment_kernel as ka

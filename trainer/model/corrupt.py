@@ -1,7 +1,7 @@
 """Corruption of the image encoder's input for the restoration term (``restore``; docs/design.md,
 "Text-informed restoration"). Parameter-free and deterministic: every random number comes from the
-counter-based hash of ``trainer.augment`` keyed by the sample's own augmentation seed (the loader's
-``params[..., 6]``, drawn by ``data_service.views`` from the sample's key and micro-step), so a
+counter-based hash of ``trainer.augment`` keyed by the sample's own augmentation seed (the
+``seed`` field of ``data_service.views.AugmentParams``, drawn from the sample's key and micro-step), so a
 resumed run corrupts each sample exactly as the uninterrupted run did, no global RNG is consumed,
 and the CPU and a GPU draw the same numbers. No host synchronisation: the seeds stay on the device.
 
@@ -27,7 +27,7 @@ _SALT_MASK, _SALT_NOISE = 0x5EED0001, 0x5EED0002
 
 
 def _keys(seeds: torch.Tensor, salt: int) -> torch.Tensor:
-    """(N,) integer seeds (any dtype holding integers exactly, e.g. the loader's float64) -> (N,)
+    """(N,) integer seeds (any dtype holding integers exactly: ``AugmentParams.seed`` is int64) -> (N,)
     int64 keys in [0, 2^32), one stream per salt."""
     s = seeds.detach().to(torch.int64) & M32
     return hash32((hash32(s) + salt) & M32)

@@ -139,12 +139,13 @@ def restore_through(encoder: nn.Module, decoder: RestoreDecoder, x: torch.Tensor
 # ---------------------------------------------------------------------------------- the picture
 def _hu_to_input(ct, window) -> torch.Tensor:
     """HU (X, Y, Z) or (1, X, Y, Z), numpy or torch -> (1, 1, X, Y, Z) float32 in [0, 1] (the model's
-    unaugmented input: ``trainer.augment`` with no flip, scale 1, no shift, no noise)."""
+    unaugmented input: ``hu_to_unit``, as ``trainer.augment`` with identity parameters)."""
+    from data_service.preprocess import hu_to_unit
+
     t = torch.as_tensor(ct).float()
     while t.ndim < 5:
         t = t.unsqueeze(0)
-    lo, hi = float(window[0]), float(window[1])
-    return ((t - lo) / (hi - lo)).clamp(0.0, 1.0)
+    return hu_to_unit(t, window)
 
 
 @torch.no_grad()

@@ -153,7 +153,7 @@ class T3D(nn.Module):
         """image (B,1,D,H,W); views (B,V,1,d,h,w) or None; ``negations`` the (ids, mask) of each
         sentence negated, (B,S,Ls) like the report (``data.augment.negated_sentences``) or None;
         ``restore_seeds`` (B, 1+V) each input's corruption seed (the loader's augmentation seeds,
-        ``params[..., 6]``), or None: no restoration (nor without ``restore.enabled``).
+        ``AugmentParams.seed``), or None: no restoration (nor without ``restore.enabled``).
         Returns every tensor the losses need."""
         img, _ = self.encode_image(image)
         per_sentence = self.tcfg.w_sentence > 0
