@@ -26,7 +26,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from common import log, storage
+from common import log as project_log  # (``log`` is the phase below)
+from common import storage
 from data_service.shards import iter_split
 from data_service.stream import Plan, build_index, rank_stream
 from data_service.views import AugmentParams
@@ -41,7 +42,7 @@ from trainer.model.text import tokenize_reports
 from trainer.step import Batch, model_inputs, scalars, train_step
 from trainer.tracking import SPOOL, Tracker
 
-logger = log.get(__name__)
+logger = project_log.get(__name__)
 
 
 class LoopCallback:
@@ -271,7 +272,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     args: LoopArgs = config["args"]
-    log.configure(args.log_level)
+    project_log.configure(args.log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     given = ray.train.get_checkpoint()
