@@ -9,6 +9,7 @@ STORAGE ?= local
 SEED ?= 0
 GENERATOR ?= synth
 EXTERNAL ?=
+VARIANTS ?= clip,tma
 PYTEST_ARGS ?=
 
 .PHONY: install test test-fast demo demo-clean science science-targets sweep-demo up down status bench clean
@@ -44,11 +45,12 @@ demo: install
 	$(BIN)/python -m experiments.demo --dir $(DEMO) --storage $(STORAGE)
 
 # does pretraining learn? CLIP-only vs CLIP+TMA on phantoms, one seed (make science SEED=1 for another).
+# VARIANTS=clip,tma,clip_restore,tma_restore also trains the restoration variants (each compared against clip).
 # EXTERNAL=synth_ext also scores on a second generator's set, both ways round: train on GENERATOR, score
 # GENERATOR + EXTERNAL; then train on EXTERNAL, score EXTERNAL + GENERATOR (twice the runtime)
 science: install
-	$(BIN)/python -m experiments.science --seed $(SEED)$(if $(EXTERNAL), --generator $(GENERATOR) --external $(EXTERNAL))
-	$(if $(filter-out $(GENERATOR),$(EXTERNAL)),$(BIN)/python -m experiments.science --seed $(SEED) --generator $(EXTERNAL) --external $(GENERATOR))
+	$(BIN)/python -m experiments.science --seed $(SEED) --variants $(VARIANTS)$(if $(EXTERNAL), --generator $(GENERATOR) --external $(EXTERNAL))
+	$(if $(filter-out $(GENERATOR),$(EXTERNAL)),$(BIN)/python -m experiments.science --seed $(SEED) --variants $(VARIANTS) --generator $(EXTERNAL) --external $(GENERATOR))
 
 # issue #9's targets over every seed `make science` has run (runs/science-s*.json), each met or not
 science-targets: install

@@ -4,6 +4,7 @@
     python -m benchmarks.supervised_ceiling [--config configs/phantom.yaml] [--steps 500] [--set k=v ...]
     python -m benchmarks.supervised_ceiling --visibility     # are the small findings in the volumes?
     python -m benchmarks.supervised_ceiling --labels "Arterial wall calcification" --net conv  # one layer
+    python -m benchmarks.supervised_ceiling --restore [--restore-text]   # restoration alone, then a linear probe
 
 The same encoder, grid and optimiser settings as the science preset (``model``, ``data``,
 ``train.lr``), trained from scratch on the train split's labels (binary cross-entropy on the 8
@@ -13,6 +14,17 @@ with this data and a study-level signal the encoder does not learn it (``--visib
 it is in the volumes at all, ``--net conv`` whether the simplest detector finds it; the AUC on
 training studies printed last tells memorisation from learning, and ``--augment`` takes the
 memorising away). If it is learned here but not by pretraining, the objective is what loses it.
+
+``--restore`` / ``--restore-text``: what restoration alone gives, without labels and without any
+contrastive loss. The encoder (with the ``restore`` section's decoder, ``restore.enabled=true``) is
+pretrained on the train split by the restoration term only (``trainer.losses.restore.masked_error``
+on the corrupted voxels of the whole volume, the corruption ``trainer.model.corrupt`` with a fresh
+seed per sample and step; ``--restore``: image only, ``restore.text_informed=false``;
+``--restore-text``: the decoder cross-attends to the report's tokens, the text tower training with
+it). Then it is frozen and probed linearly: per finding a logistic regression on its standardised
+pooled features, train -> test (``evaluators.tasks.probe.linear_probe_auc``), beside the same probe
+on the same encoder at its random init (what restoration added). ``restore.*`` keys come from the
+config and ``--set`` (e.g. the science variants' ``restore.block_size=[4,4,2] restore.width=32``).
 Single process, CPU or GPU; no Ray, no DeepSpeed (a diagnostic, not a training path).
 """
 from __future__ import annotations
@@ -26,13 +38,16 @@ import numpy as np
 from data_service.synth import PLANTED
 
 
-def load(shards: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+def load(shards: str, split: str, reports: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(HU volumes, planted labels) of ``split``; the reports are appended to ``reports`` when given."""
     from data_service.shards import iter_split
 
     xs, ys = [], []
     for s in iter_split(shards, split):
         xs.append(s["ct"])
         ys.append([float(s["meta"]["labels"][f]) for f in PLANTED])
+        if reports is not None:
+            reports.append(s["report"])
     if not xs:
         raise SystemExit(f"{shards}: split {split!r} is empty")
     return np.stack(xs), np.array(ys, dtype=np.float32)
@@ -93,6 +108,83 @@ def adamw_warmup(params, cfg):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
 
 
+def restore_probe(a, cfg, names: list[str], cols: list[int], dev: str) -> int:
+    """``--restore`` / ``--restore-text`` (module doc): restoration-only pretraining, then a linear
+    probe of the frozen encoder, beside the probe of its random init."""
+    import copy
+
+    import torch
+
+    from common.text import build_tokenizer
+    from data_service.preprocess import to_model_input
+    from evaluators.tasks.probe import linear_probe_auc
+    from trainer.losses.restore import masked_error
+    from trainer.model import build_model
+    from trainer.model.restore import restore_through
+    from trainer.model.text import tokenize_reports
+
+    text = a.restore_text
+    rtr: list[str] = []
+    xtr, ytr = load(cfg.data.shards, "train", rtr)
+    xte, yte = load(cfg.data.shards, a.test_split)
+    ytr, yte = ytr[:, cols], yte[:, cols]
+    tok = build_tokenizer(rtr, cfg.model.vocab_size or 1000) if text else None
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, len(tok) if tok is not None else None).to(dev)
+    init = copy.deepcopy(model.image).eval()
+    # text-informed: the text tower and its token head train through the cross-attention too
+    # (AdamW skips the parameters no gradient reaches)
+    params = list(model.parameters()) if text else [*model.image.parameters(), *model.restorer.parameters()]
+    opt, sched = adamw_warmup(params, cfg)
+    rng = np.random.default_rng(cfg.train.seed)
+
+    def inputs(x: np.ndarray) -> torch.Tensor:
+        return to_model_input(torch.from_numpy(x).to(dev), cfg.data)[:, None]
+
+    @torch.no_grad()
+    def features(enc, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([enc(inputs(x[i:i + 32]))[0].float().cpu().numpy() for i in range(0, len(x), 32)])
+
+    t0, loss = time.time(), torch.tensor(float("nan"))
+    model.train()
+    for step in range(a.steps):
+        idx = rng.choice(len(xtr), min(a.batch, len(xtr)), replace=False)
+        x = inputs(xtr[idx])
+        seeds = torch.from_numpy(rng.integers(0, 2 ** 31, len(idx))).to(dev)
+        if text:
+            enc = tokenize_reports(tok, [rtr[i] for i in idx], cfg)
+            _, mask, pred = model.restore_study(x, enc["input_ids"].to(dev), enc["attention_mask"].to(dev), seeds)
+        else:
+            _, mask, pred = restore_through(model.image, model.restorer, x, seeds, cfg.restore)
+        loss = masked_error(pred, x, mask, cfg.restore.loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0:
+            print(f"step {step + 1}/{a.steps} restore loss {loss.item():.5f} ({time.time() - t0:.0f} s)", flush=True)
+    model.image.eval()
+
+    def probe(enc) -> dict[str, float]:
+        ftr, fte = features(enc, xtr), features(enc, xte)
+        mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
+        return linear_probe_auc((ftr - mu) / sd, ytr, (fte - mu) / sd, yte, findings=names)
+
+    got, base = probe(model.image), probe(init)
+    r = cfg.restore
+    what = "text-informed (the decoder reads the report)" if text else "image only"
+    print(f"\nrestoration only, {what}, then a frozen linear probe: {a.config} {' '.join(a.set)}; "
+          f"{len(xtr)} train / {len(xte)} {a.test_split} studies, {a.steps} steps of {a.batch}, "
+          f"{time.time() - t0:.0f} s; blocks {r.block_size} voxels, mask ratio {r.mask_ratio}, noise {r.noise_std}, "
+          f"downsample {r.downsample}, width {r.width}; last restore loss ({r.loss}) {loss.item():.5f}")
+    for k, f in enumerate(names):
+        print(f"{f:30s} AUC {got.get(f, float('nan')):.3f}  (positives {int(yte[:, k].sum())}/{len(yte)}; "
+              f"random init {base.get(f, float('nan')):.3f})")
+    mean = lambda d: float(np.mean(list(d.values()))) if d else float("nan")  # noqa: E731
+    print(f"{f'mean ({len(names)} probed)':30s} AUC {mean(got):.3f}  (random init {mean(base):.3f})")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.supervised_ceiling", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/phantom.yaml")
@@ -111,6 +203,12 @@ def main(argv=None) -> int:
                         "axis on every training batch: can the encoder still memorise the studies?")
     p.add_argument("--shift", type=int, default=8, help="--augment: the largest shift, voxels")
     p.add_argument("--visibility", action="store_true", help="only the hand-made visibility check, no training")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--restore", action="store_true",
+                      help="no labels: pretrain the encoder by restoration alone (image only, "
+                           "restore.text_informed=false), freeze it, probe it linearly (and its random init)")
+    mode.add_argument("--restore-text", action="store_true",
+                      help="as --restore, with text-informed restoration (the decoder cross-attends to the report)")
     a = p.parse_args(argv)
     import torch
     from sklearn.metrics import roc_auc_score
@@ -120,7 +218,11 @@ def main(argv=None) -> int:
     from evaluators.tasks.zeroshot import two_classes
     from trainer.model.image import ImageEncoder
 
-    cfg = load_config(a.config, a.set)
+    restoring = a.restore or a.restore_text
+    if restoring and a.net != "encoder":
+        raise SystemExit("--restore/--restore-text pretrain the preset's encoder: --net conv does not apply")
+    mode = ["restore.enabled=true", f"restore.text_informed={'true' if a.restore_text else 'false'}"]
+    cfg = load_config(a.config, [*a.set, *mode] if restoring else a.set)
     if a.visibility:
         visibility(cfg.data.shards, a.test_split)
         return 0
@@ -130,6 +232,8 @@ def main(argv=None) -> int:
     if bad := [f for f in names if f not in PLANTED]:
         raise SystemExit(f"--labels: {bad} not among the planted findings {list(PLANTED)}")
     cols = [PLANTED.index(f) for f in names]
+    if restoring:
+        return restore_probe(a, cfg, names, cols, dev)
     xtr, ytr = load(cfg.data.shards, "train")
     xte, yte = load(cfg.data.shards, a.test_split)
     ytr, yte = ytr[:, cols], yte[:, cols]

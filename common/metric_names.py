@@ -24,7 +24,8 @@ import re
 
 EVAL, EXTERNAL, LOSS, TASK, TRAIN = "eval", "external", "loss", "task", "train"
 GROUPS = (EVAL, EXTERNAL, LOSS, TASK, TRAIN)            # in the order MLflow's run page shows them
-TASK_PREFIXES = ("zeroshot", "retrieval", "probe", "reportgen", "segmentation")   # evaluators.config.TASKS
+# evaluators.config.TASKS, then the restoration picture's metrics (evaluators.scoring.restore_picture)
+TASK_PREFIXES = ("zeroshot", "retrieval", "probe", "reportgen", "segmentation", "restore")
 BOOKKEEPING = ("data", "health", "tracking")
 
 HEADLINE: dict[str, str] = {                            # task key -> its column in the run description

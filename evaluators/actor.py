@@ -4,7 +4,8 @@
     python -m evaluators.actor --run-dir RUN --data ct=SHARDS --data ext=s3://bucket/ext   # + an external set
 
 The ledger (``{run_dir}/eval_ledger.jsonl``, one line per checkpoint x task, an external dataset's
-tasks as ``external/<name>/<task>``) makes the work idempotent: a restarted evaluator skips what is recorded and redoes nothing. The actor has its own
+tasks as ``external/<name>/<task>``, a ``restore.enabled`` checkpoint's restoration picture as
+``restore``) makes the work idempotent: a restarted evaluator skips what is recorded and redoes nothing. The actor has its own
 CPUs (``eval.cpus``) and ``max_restarts=-1``: if it crashes, Ray restarts it and the watcher calls
 it again, without touching the trainers.
 """
@@ -20,7 +21,7 @@ from typing import Any, Callable
 
 from common import log, storage
 from common.metric_names import external_key
-from trainer.checkpoint import list_checkpoints
+from trainer.checkpoint import export_of, list_checkpoints
 
 logger = log.get(__name__)
 
@@ -83,6 +84,20 @@ def eval_dir(run_dir: str | Path, checkpoint: str) -> Path:
     return Path(storage.join(storage.local_state_dir(run_dir), checkpoint, "eval"))
 
 
+def restore_enabled(ck: str) -> bool:
+    """The checkpoint was trained with ``restore.enabled`` (its export's config.yaml; read without
+    loading the weights, so a checkpoint whose tasks are all done is not loaded for nothing)."""
+    import yaml
+
+    from common.config import read_yaml
+
+    try:
+        cfg = read_yaml(storage.join(export_of(ck), "config.yaml"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False          # no readable config: load_export reports it when a task loads it
+    return bool((cfg.get("restore") or {}).get("enabled", False))
+
+
 def publish_dir(local: Path, dest: str) -> None:
     """Copy a local artifact folder to its place in a remote run folder (nothing to do when local)."""
     if storage.is_remote(dest):
@@ -100,7 +115,10 @@ def evaluate_pending(run_dir: str, shards: str | dict[str, str], tasks: list[str
     CLIs' and ``EvalThread``'s ``check_datasets``, before any scoring).
 
     Each result goes to the ledger, to ``step_X/eval/`` (tables, ROC curves) and, with a tracking
-    URI, to the checkpoint's MLflow run at its training step. After new results, the metric-over-
+    URI, to the checkpoint's MLflow run at its training step. A checkpoint trained with
+    ``restore.enabled`` also gets, after its tasks, the restoration picture (``restore.png``, one
+    held-out study of the internal test split at a fixed corruption seed, and ``restore/error``:
+    ``scoring.restore_picture``), recorded as job ``restore``; a failure there is a ledger error. After new results, the metric-over-
     checkpoints plot is refreshed and the best checkpoint on ``best_metric`` registered.
     ``before_task(checkpoint, task)`` runs before each task (tests inject faults with it)."""
     from evaluators import scoring
@@ -156,6 +174,21 @@ def evaluate_pending(run_dir: str, shards: str | dict[str, str], tasks: list[str
                               logged=logged, dataset=ds if external else None,
                               shards=ds_shards if external else None)
                 new.append({"checkpoint": name, "task": job, "step": r["step"]})
+        if (name, scoring.PICTURE) not in done and restore_enabled(ck):
+            if before_task is not None:
+                before_task(ck, scoring.PICTURE)
+            try:                                 # the picture, after the tasks: it never stops scoring
+                base = base or scoring.Scoring(ck, datasets[0][1], tasks=tasks)
+                r = scoring.restore_picture(base, eval_dir(run_dir, name))
+            except Exception as e:  # noqa: BLE001 - recorded with its reason, like a failed task
+                failed(ck, scoring.PICTURE, e)
+                continue
+            logged = _publish(run_dir, ck, name, r, mlflow_uri, scoring.PICTURE)
+            if logged:
+                run_id = r["mlflow_run_id"]
+            ledger.record(name, scoring.PICTURE, int(r["step"]), r["metrics"], mlflow_run_id=r["mlflow_run_id"],
+                          logged=logged)
+            new.append({"checkpoint": name, "task": scoring.PICTURE, "step": r["step"]})
     if (new or run_id) and mlflow_uri and run_id:
         publish_run_summary(run_dir, ledger, mlflow_uri, run_id, best_metric, registry_name)
     return new

@@ -2,7 +2,8 @@
 
 Per checkpoint (``step_X/eval/``): ``metrics.json``, ``zeroshot_auc_table.csv``, ``zeroshot_roc.png``,
 ``probe_auc_table.csv``, ``reportgen_samples.json``, ``segmentation_dice_table.csv`` (an external
-dataset's in ``external/<name>/`` below it; ``metrics.json`` holds every dataset's keys); logged to the
+dataset's in ``external/<name>/`` below it; ``metrics.json`` holds every dataset's keys), and for a
+``restore.enabled`` checkpoint ``restore.png`` (``evaluators.scoring.restore_picture``); logged to the
 training run under ``eval/step_X/``, the tables also as MLflow tables (``*_table.json``). Per run:
 ``metrics_over_checkpoints.png`` from the ledger (``eval/`` in MLflow), and the checkpoint best on ``eval.best_metric`` registered as a model version
 with the alias ``best`` (its export folder is logged under ``checkpoints/step_X/`` first, so the
@@ -24,7 +25,7 @@ from trainer.checkpoint import export_of, step_name
 # what the over-checkpoints plot shows (the per-label curves are in MLflow itself)
 SUMMARY = ("zeroshot/mean_auc", "zeroshot/mean_f1", "retrieval/i2t_R@5", "retrieval/t2i_R@5", "probe/mean_auc",
            "reportgen/bleu4", "reportgen/meteor", "reportgen/rouge_l", "segmentation/mean_dice",
-           "segmentation/random_init/mean_dice")
+           "segmentation/random_init/mean_dice", "restore/error")
 
 
 mlflow_key = mlflow_name          # a task key's name in MLflow (common.metric_names)

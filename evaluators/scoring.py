@@ -206,6 +206,41 @@ def score_segmentation(sc: Scoring, extras: dict) -> dict[str, float]:
     return out
 
 
+# ------------------------------------------------------------------ the restoration picture
+PICTURE = "restore"           # its ledger job and metric prefix (``restore/error``: MLflow task/restore/error)
+PICTURE_PNG = "restore.png"   # in the checkpoint's eval/ folder (MLflow: eval/step_X/restore.png)
+PICTURE_SEED = 0              # the corruption's seed: every checkpoint restores the same corruption
+
+
+def picture_study(shards: str, split: str) -> dict:
+    """The study the restoration picture shows: the first of ``split`` in shard order (the same at
+    every checkpoint of a run); ValueError when the split is empty."""
+    from data_service.shards import iter_split
+
+    for s in iter_split(shards, split):
+        return s
+    raise ValueError(f"{shards}: split {split!r} has no study for the restoration picture")
+
+
+def restore_picture(sc: Scoring, out_dir: str | Path) -> dict:
+    """A checkpoint trained with ``restore.enabled``: ``restore.png`` in ``out_dir`` (one view of a
+    held-out study of the internal dataset's ``eval.split_test``, its corruption at ``PICTURE_SEED``
+    and the restoration, ``trainer.model.restore.restoration_figure``) -> a result like ``score``'s
+    with ``restore/error`` and ``restore/corrupted_fraction``. ValueError when the checkpoint has no
+    restoration decoder. One encoder and decoder pass on one volume: light beside any task."""
+    from trainer.model.restore import restoration_figure
+
+    if not sc.cfg.restore.enabled:
+        raise ValueError(f"{sc.path}: restore.enabled=false, no restoration picture")
+    s = picture_study(sc.shards, sc.cfg.eval.split_test)
+    step = sc.info.get("step")
+    metrics = restoration_figure(sc.model, sc.tok, sc.cfg, np.array(s["ct"]), s["report"], Path(out_dir) / PICTURE_PNG,
+                                 seed=PICTURE_SEED, title=f"step {step}, {sc.cfg.eval.split_test} study {s['key']}")
+    return {"checkpoint": str(sc.path), "step": step, "mlflow_run_id": sc.info.get("mlflow_run_id"),
+            "dataset": None, "shards": str(sc.shards), "metrics": {k: float(v) for k, v in metrics.items()},
+            "extras": {}}
+
+
 SCORERS: dict[str, Callable[[Scoring, dict], dict[str, float]]] = {
     "zeroshot": score_zeroshot, "retrieval": score_retrieval, "probe": score_probe,
     "reportgen": score_reportgen, "segmentation": score_segmentation}

@@ -1,7 +1,8 @@
-"""`make science`: does pretraining learn? CLIP-only vs CLIP+TMA on phantoms, through the real trainer.
+"""`make science`: does pretraining learn? CLIP-only vs CLIP+TMA (and the restoration variants) on phantoms, through the real trainer.
 
     python -m experiments.science [--seed 0] [--n 1200] [--data-seed 0] [--steps N] [--out runs]
     python -m experiments.science --generator synth --external synth_ext [--external-data-seed S]   # + external
+    python -m experiments.science --variants clip,tma,clip_restore,tma_restore [--segmentation]
 
 1. phantoms (``data_service.synth``, held-out reports in the second wording bank) and ingest with
    ``configs/phantom.yaml``, once per data seed (``data/phantom-d{data_seed}/``);
@@ -9,13 +10,17 @@
    modelling on the train reports and 800 real CT-RATE reports, ``--text-corpus``; the paper's
    MedCPT is not available offline), into ``{out}/text-mlm-{key}/``, which both runs load as
    ``model.text_encoder`` (``--text-mlm-steps 0``: a from-scratch text tower, as before);
-2. ``python -m trainer.pretrain`` twice, the same command users run (Ray Train, 2 DeepSpeed
-   workers): CLIP only (``tma.enabled=false``) into ``{out}/phantom-clip/s{seed}/`` and CLIP+TMA into
-   ``{out}/phantom-tma/s{seed}/``, same seed, same data order;
-3. both last checkpoints scored by the evaluators (``evaluators.scoring.Scoring``): zero-shot on
-   held-out phantoms with CT-RATE's prompts and with the prompt ensemble, linear probes of the image
-   and of the report embeddings, retrieval; the per-label table with bootstrap 95% CIs, and the
-   paired bootstrap CI of the AUC difference (TMA - CLIP) per label.
+2. ``python -m trainer.pretrain`` once per variant (``--variants``, default ``clip,tma``; ``VARIANTS``
+   below), the same command users run (Ray Train, 2 DeepSpeed workers): CLIP only
+   (``tma.enabled=false``) into ``{out}/phantom-clip/s{seed}/``, CLIP+TMA into
+   ``{out}/phantom-tma/s{seed}/``, CLIP+restore into ``{out}/phantom-clip_restore/s{seed}/`` ...,
+   same seed, same data order;
+3. every variant's last checkpoint scored by the evaluators (``evaluators.scoring.Scoring``):
+   zero-shot on held-out phantoms with CT-RATE's prompts and with the prompt ensemble, linear probes
+   of the image and of the report embeddings, retrieval (with ``--segmentation`` also the
+   segmentation task: pretrained against random-init Dice); the per-label table with bootstrap 95%
+   CIs, and per variant the paired bootstrap CI of its AUC difference to CLIP-only per label
+   (``delta``: TMA - CLIP, as before; ``delta_<variant>`` for the others).
 4. with ``--external GENERATOR``: a second phantom set from ``data_service.<GENERATOR>`` (same CLI and
    CT-RATE layout; ``--external-data-seed``, default the data seed, or the next one when it is the
    training generator) is ingested the same way, and both checkpoints are scored on it too, by the
@@ -24,6 +29,11 @@
    ways round (train on synth, score synth + synth_ext; train on synth_ext, score synth_ext + synth).
 Results: ``{out}/science-s{seed}.json`` (training on ``synth``; ``science-{generator}-s{seed}.json``
 on another generator) and the printed table.
+
+The restoration variants (``RESTORE``) use 16 mm blocks: ``restore.block_size=[4,4,2]`` voxels at the
+preset's 4 x 4 x 8 mm grid (80 x 80 x 40), the size of the larger planted nodules and plaques (the
+default [16, 16, 4] is 64 x 64 x 32 mm here: a fifth of the field of view per block), and a decoder
+of width 32 (half the default) for CPU speed; ``restore.weight=1.0``, the rest ``restore``'s defaults.
 """
 from __future__ import annotations
 
@@ -52,6 +62,18 @@ TEXT_CORPUS = REPO.parent / "shared" / "realdata" / "ctclip_reports" / "train.cs
 TEXT_KEYS = ("model.flavour", "model.text_", "model.vocab_size", "data.max_")  # overrides that shape the tower
 MLM_VOCAB = 3000   # WordPiece words for the MLM tower: the real-report corpus has more words than the flavour's 1000
 GENERATORS = ("synth", "synth_ext")   # phantom generators: data_service.<name>, one CLI (--out --n --seed ...)
+# restore.* of the restoration variants (module doc): 16 mm blocks on the phantom grid, a narrow decoder
+RESTORE = ("restore.enabled=true", "restore.weight=1.0", "restore.block_size=[4,4,2]", "restore.width=32")
+VARIANTS: dict[str, tuple[str, ...]] = {           # name -> its overrides (before --set: --set wins)
+    "clip": ("tma.enabled=false",),
+    "tma": ("tma.enabled=true",),
+    "clip_restore": ("tma.enabled=false", *RESTORE),
+    "tma_restore": ("tma.enabled=true", *RESTORE),
+}
+LABEL = {"clip": "CLIP", "tma": "CLIP+TMA", "clip_restore": "CLIP+restore", "tma_restore": "CLIP+TMA+restore"}
+DEFAULT_VARIANTS = ("clip", "tma")
+BASELINE = "clip"                                   # every other variant is compared against it
+SEGMENTATION = ("segmentation/mean_dice", "segmentation/random_init/mean_dice", "segmentation/gain_vs_random")
 SIDE_BY_SIDE = ("zeroshot/mean_auc", "zeroshot/mean_f1", "probe/mean_auc", "probe/report/mean_auc",
                 "retrieval/i2t_R@1", "retrieval/t2i_R@1", "retrieval/i2t_R@10")
 
@@ -115,8 +137,24 @@ def text_mlm(shards: Path, out: Path, steps: int, corpora: list[str], overrides:
     return folder
 
 
+def parse_variants(text: str) -> list[str]:
+    """``--variants``: a comma list of ``VARIANTS`` names -> the names in ``VARIANTS``' order."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if bad := [v for v in names if v not in VARIANTS]:
+        raise SystemExit(f"science: --variants: unknown variant(s) {bad}; available: {list(VARIANTS)}")
+    if not names:
+        raise SystemExit(f"science: --variants: name at least one of {list(VARIANTS)}")
+    return [v for v in VARIANTS if v in names]
+
+
+def delta_key(variant: str) -> str:
+    """Where a variant's paired difference to CLIP-only sits in the per-label summary (``delta`` for
+    CLIP+TMA, as ``experiments.science_targets`` reads it)."""
+    return "delta" if variant == "tma" else f"delta_{variant}"
+
+
 def train(variant: str, shards: Path, out: Path, seed: int, extra: list[str], stem: str = "phantom") -> Path:
-    sets = {"clip": ["tma.enabled=false"], "tma": ["tma.enabled=true"]}[variant]
+    sets = list(VARIANTS[variant])
     cmd = [sys.executable, "-m", "trainer.pretrain", "--config", str(CONFIG), "--set", f"data.shards={shards}",
            "--set", f"train.output_dir={out / f'{stem}-{variant}'}", "--set", f"train.run_name=s{seed}",
            "--set", f"train.seed={seed}"]
@@ -135,14 +173,20 @@ def last_export(run_dir: Path) -> Path | None:
     return Path(done[-1]) if done else None
 
 
-def score(ck: Path, shards: Path) -> dict:
-    """Checkpoint ``ck`` (``last_export``): zero-shot (single and ensemble prompts), probes, retrieval, and the raw
-    test-split probabilities for the paired comparison."""
+def score(ck: Path, shards: Path, segmentation: bool = False) -> dict:
+    """Checkpoint ``ck`` (``last_export``): zero-shot (single and ensemble prompts), probes, retrieval
+    (with ``segmentation`` also the segmentation task: fine-tuned pretrained and random-init Dice),
+    and the raw test-split probabilities for the paired comparison."""
     from evaluators.scoring import Scoring
     from evaluators.tasks.zeroshot import prompt_embeddings, zeroshot_probs
 
-    sc = Scoring(ck, str(shards), tasks=["zeroshot", "probe", "retrieval"])
-    res = {"checkpoint": str(ck), "metrics": sc.score(["zeroshot", "probe", "retrieval"])["metrics"]}
+    tasks = ["zeroshot", "probe", "retrieval"] + (["segmentation"] if segmentation else [])
+    sc = Scoring(ck, str(shards), tasks=tasks)
+    res = {"checkpoint": str(ck), "metrics": sc.score(tasks[:3])["metrics"]}
+    if segmentation:
+        t = time.time()
+        res["metrics"].update(sc.score(["segmentation"])["metrics"])
+        res["segmentation_seconds"] = round(time.time() - t, 1)
     test = sc.labelled(sc.cfg.eval.split_test)
     scale = float(sc.model.logit_scale.detach().exp().clamp(max=100))
     for name, ens in (("single", False), ("ensemble", True)):
@@ -171,61 +215,75 @@ def paired_delta(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int, seed:
 
 
 def table(res: dict, n_boot: int, seed: int, where: str = "held-out phantoms") -> tuple[str, dict]:
-    """The per-label tables for the variants in ``res`` (CLIP, CLIP+TMA or both; the paired delta
-    when both are there), scored on ``where``."""
+    """The per-label tables for the variants in ``res`` (any of ``VARIANTS``; with CLIP-only among
+    them, every other variant's paired delta against it), scored on ``where``."""
     from sklearn.metrics import roc_auc_score
 
     from common.labels import FINDINGS
     from evaluators.tasks.zeroshot import auc_with_ci
 
-    vs = [v for v in ("clip", "tma") if v in res]
-    both = len(vs) == 2
-    name = {"clip": "CLIP", "tma": "CLIP+TMA"}
+    vs = [v for v in VARIANTS if v in res]
+    cmp = [v for v in vs if v != BASELINE] if BASELINE in vs else []      # compared against CLIP-only
+    name = LABEL
+    head = {v: "delta" if v == "tma" else f"delta {v}" for v in cmp}
+    why = "; ".join(f"{head[v]} = {name[v].removeprefix('CLIP+')} - CLIP" for v in cmp)
+    w = max([8] + [len(name[v]) for v in vs])
     y = np.array(res[vs[0]]["labels"])
     lines, summary = [], {}
     for prompts in ("single", "ensemble"):
         lines.append(f"\nzero-shot AUC on {where} ({prompts} prompts; {len(y)} test studies; "
-                     f"95% bootstrap CI" + ("; delta = TMA - CLIP, paired bootstrap)" if both else ")"))
-        lines.append(f"{'finding':30s} " + " ".join(f"{name[v]:>22s}" for v in vs) + (f" {'delta':>24s}" if both else ""))
+                     f"95% bootstrap CI" + (f"; {why}, paired bootstrap)" if cmp else ")"))
+        lines.append(f"{'finding':30s} " + " ".join(f"{name[v]:>22s}" for v in vs)
+                     + "".join(f" {head[v]:>24s}" for v in cmp))
         per = {}
         for f in PLANTED:
             k = FINDINGS.index(f)
             p = {v: np.array(res[v][f"probs_{prompts}"])[:, k] for v in vs}
             per[f] = {v: auc_with_ci(y[:, k], p[v], n_boot, seed)[:3] for v in vs}
             line = f"{f:30s} " + " ".join(f"{per[f][v][0]:6.3f} [{per[f][v][1]:.3f}, {per[f][v][2]:.3f}]" for v in vs)
-            if both:
-                d = per[f]["delta"] = paired_delta(y[:, k], p["clip"], p["tma"], n_boot, seed)
+            for v in cmp:
+                d = per[f][delta_key(v)] = paired_delta(y[:, k], p[BASELINE], p[v], n_boot, seed)
                 line += f" {d[0]:+6.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
             lines.append(line)
         mean = {v: float(np.mean([per[f][v][0] for f in PLANTED])) for v in vs}
         lines.append(f"{'mean (8 planted)':30s} " + " ".join(f"{mean[v]:6.3f} {'':15s}" for v in vs))
         summary[prompts] = {"per_label": per, "mean": mean}
-    lines.append("\nother scores (test split)              " + "  ".join(f"{name[v]:>8s}" for v in vs))
-    for key in ("probe/mean_auc", "probe/report/mean_auc", "retrieval/i2t_R@1", "retrieval/t2i_R@1",
-                "retrieval/i2t_R@10"):
-        lines.append(f"{key:38s} " + "  ".join(f"{res[v]['metrics'].get(key, float('nan')):8.3f}" for v in vs))
-    for f in SMALL:
-        key = f"probe/auc/{f}"
-        lines.append(f"{key:38s} " + "  ".join(f"{res[v]['metrics'].get(key, float('nan')):8.3f}" for v in vs))
+    lines.append("\nother scores (test split)              " + "  ".join(f"{name[v]:>{w}s}" for v in vs))
+    keys = ["probe/mean_auc", "probe/report/mean_auc", "retrieval/i2t_R@1", "retrieval/t2i_R@1", "retrieval/i2t_R@10"]
+    keys += [f"probe/auc/{f}" for f in SMALL]
+    keys += [k for k in SEGMENTATION if any(k in res[v]["metrics"] for v in vs)]   # with --segmentation
+    for key in keys:
+        lines.append(f"{key:38s} " + "  ".join(f"{res[v]['metrics'].get(key, float('nan')):{w}.3f}" for v in vs))
     for prompts in ("single", "ensemble"):
         vals = [np.mean([roc_auc_score(y[:, FINDINGS.index(f)], np.array(res[v][f"report_probs_{prompts}"])[:, FINDINGS.index(f)])
                          for f in PLANTED]) for v in vs]
-        lines.append(f"{'zero-shot on report embeddings (' + prompts + ')':38s} " + "  ".join(f"{x:8.3f}" for x in vals))
+        lines.append(f"{'zero-shot on report embeddings (' + prompts + ')':38s} " + "  ".join(f"{x:{w}.3f}" for x in vals))
     # the prompts replaced by report centroids: train wording (what the prompts' wording loses) and
     # held-out wording (valid, the second bank)
     for split in ("train", "valid"):
         vals = [np.mean([res[v]["metrics"].get(f"zeroshot/report_centroid/{split}/auc/{f}", float("nan"))
                          for f in PLANTED]) for v in vs]
-        lines.append(f"{'zero-shot, ' + split + ' report centroids':38s} " + "  ".join(f"{x:8.3f}" for x in vals))
+        lines.append(f"{'zero-shot, ' + split + ' report centroids':38s} " + "  ".join(f"{x:{w}.3f}" for x in vals))
     return "\n".join(lines), summary
+
+
+def segmentation_summary(res: dict) -> dict | None:
+    """Per variant the segmentation task's Dice, fine-tuned from the pretrained encoder and from a
+    random init (``--segmentation``), or None when it was not scored."""
+    out = {v: {"pretrained": r["metrics"]["segmentation/mean_dice"],
+               "random_init": r["metrics"]["segmentation/random_init/mean_dice"],
+               "gain_vs_random": r["metrics"].get("segmentation/gain_vs_random"),
+               "seconds": r.get("segmentation_seconds")}
+           for v, r in res.items() if "segmentation/mean_dice" in r["metrics"]}
+    return out or None
 
 
 def side_by_side(internal: dict, external: dict, summary: dict, ext_summary: dict,
                  names: tuple[str, str]) -> tuple[str, dict]:
     """In-distribution and external figures per variant, one row per headline (``internal`` and
     ``external``: ``score`` results by variant; the summaries: ``table``'s)."""
-    vs = [v for v in ("clip", "tma") if v in internal and v in external]
-    label = {"clip": "CLIP", "tma": "CLIP+TMA"}
+    vs = [v for v in VARIANTS if v in internal and v in external]
+    label = LABEL
     rows: dict[str, dict] = {}
     for prompts in ("single", "ensemble"):
         rows[f"zero-shot mean AUC, 8 planted ({prompts})"] = {
@@ -233,10 +291,11 @@ def side_by_side(internal: dict, external: dict, summary: dict, ext_summary: dic
     for key in SIDE_BY_SIDE:
         rows[key] = {v: (internal[v]["metrics"].get(key, float("nan")), external[v]["metrics"].get(key, float("nan")))
                      for v in vs}
-    head = "".join(f"  {label[v] + ' ' + n:>22s}" for v in vs for n in ("in-dist", "external"))
+    w = max([22] + [len(label[v]) + 9 for v in vs])
+    head = "".join(f"  {label[v] + ' ' + n:>{w}s}" for v in vs for n in ("in-dist", "external"))
     lines = [f"\nin-distribution ({names[0]}) and external ({names[1]}), test splits", f"{'':42s}{head}"]
     for row, vals in rows.items():
-        lines.append(f"{row:42s}" + "".join(f"  {x:22.3f}" for v in vs for x in vals[v]))
+        lines.append(f"{row:42s}" + "".join(f"  {x:{w}.3f}" for v in vs for x in vals[v]))
     out = {row: {v: {"internal": a, "external": b} for v, (a, b) in vals.items()} for row, vals in rows.items()}
     return "\n".join(lines), out
 
@@ -256,8 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-corpus", action="append", default=None, metavar="FILE",
                    help=f"report corpus (.csv/.txt) for the text tower's MLM, besides the train reports "
                         f"(repeatable; default {os.path.relpath(TEXT_CORPUS, REPO)}, real CT-RATE reports)")
-    p.add_argument("--only", choices=["clip", "tma", "none"], default=None,
-                   help="train one variant, or none (scores whichever has a checkpoint)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma list of the variants to train and score, each compared against clip: "
+                        f"{', '.join(f'{v} ({LABEL[v]})' for v in VARIANTS)}")
+    p.add_argument("--only", choices=[*VARIANTS, "none"], default=None,
+                   help="train one of --variants, or none (scores whichever has a checkpoint)")
+    p.add_argument("--segmentation", action="store_true",
+                   help="also score the segmentation task (pretrained vs random-init Dice) on every variant")
     p.add_argument("--generator", choices=GENERATORS, default="synth",
                    help="the phantom generator trained on (data_service.<generator>)")
     p.add_argument("--external", choices=GENERATORS, default=None,
@@ -265,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--external-data-seed", type=int, default=None,
                    help="the external set's seed (default: --data-seed, or the next one for the training generator)")
     a = p.parse_args(argv)
+    variants = parse_variants(a.variants)
+    if a.only not in (None, "none", *variants):
+        raise SystemExit(f"science: --only {a.only} is not among --variants {','.join(variants)}")
     for g in (a.generator, a.external):
         if g is not None:
             check_generator(g)
@@ -291,15 +358,16 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"model.text_encoder={tower}")
     t_text = time.time() - t0 - t_data
     runs = {}
-    for v in ("clip", "tma"):
+    for v in variants:
         if a.only in (None, v):
             runs[v] = train(v, shards, out, a.seed, overrides, stem)
         else:
             runs[v] = out / f"{stem}-{v}" / f"s{a.seed}"
     t_train = time.time() - t0 - t_data - t_text
-    res = {v: score(ck, shards) for v, d in runs.items() if (ck := last_export(d)) is not None}
+    seg = {"segmentation": True} if a.segmentation else {}
+    res = {v: score(ck, shards, **seg) for v, d in runs.items() if (ck := last_export(d)) is not None}
     if not res:
-        raise SystemExit(f"science: no exported checkpoint under {out}/{stem}-{{clip,tma}}/s{a.seed}")
+        raise SystemExit(f"science: no exported checkpoint under {out}/{stem}-{{{','.join(variants)}}}/s{a.seed}")
     text, summary = table(res, a.bootstrap, a.seed)
     print(text)
     external = None
@@ -313,16 +381,18 @@ def main(argv: list[str] | None = None) -> int:
                     "metrics_ensemble": {v: r["metrics_ensemble"] for v, r in res_ext.items()},
                     "side_by_side": both}
     report = {"seed": a.seed, "data_seed": a.data_seed, "n": a.n, "generator": a.generator, "overrides": overrides,
+              "variants": {v: list(VARIANTS[v]) for v in variants},
               "seconds": {"data": round(t_data), "text_mlm": round(t_text), "train_both": round(t_train), "total": round(time.time() - t0)},
               "text_mlm": None if tower is None else {"folder": str(tower),
                                                       **json.loads((tower / "text_mlm.json").read_text())},
               "summary": summary, "metrics": {v: r["metrics"] for v, r in res.items()},
               "metrics_ensemble": {v: r["metrics_ensemble"] for v, r in res.items()},
-              "checkpoints": {v: r["checkpoint"] for v, r in res.items()}, "external": external}
+              "checkpoints": {v: r["checkpoint"] for v, r in res.items()}, "external": external,
+              "segmentation": segmentation_summary(res)}
     out.mkdir(parents=True, exist_ok=True)
     path = out / (f"science-s{a.seed}.json" if a.generator == "synth" else f"science-{a.generator}-s{a.seed}.json")
     path.write_text(json.dumps(report, indent=1))
-    print(f"\ndata {t_data:.0f} s, text MLM {t_text:.0f} s, both trainings {t_train:.0f} s, total {time.time() - t0:.0f} s -> {path}")
+    print(f"\ndata {t_data:.0f} s, text MLM {t_text:.0f} s, {len(runs)} trainings {t_train:.0f} s, total {time.time() - t0:.0f} s -> {path}")
     return 0
 
 

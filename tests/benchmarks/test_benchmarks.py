@@ -72,6 +72,28 @@ def test_supervised_ceiling_runs_on_shards(phantom, capsys):
         supervised_ceiling.main([*args, "--labels", "Nodule"])
 
 
+@pytest.mark.parametrize("mode, what", [("--restore", "image only"), ("--restore-text", "text-informed")])
+def test_supervised_ceiling_restoration_only_then_a_linear_probe(phantom, capsys, mode, what):
+    """Restoration alone (no labels, no contrastive term) pretrains the encoder, which is then frozen
+    and probed linearly per finding, beside its random init."""
+    from benchmarks import supervised_ceiling
+
+    args = ["--config", str(REPO / "configs/debug.yaml"), "--set", f"data.shards={phantom / 'shards'}",
+            "--set", "restore.block_size=[8,8,4]", "--set", "restore.width=32", "--steps", "2", "--batch", "2",
+            "--test-split", "train", "--labels", "Lung nodule,Arterial wall calcification,Cardiomegaly"]
+    assert supervised_ceiling.main([*args, mode]) == 0          # probed on train: classes to fit and score
+    out = capsys.readouterr().out
+    assert f"restoration only, {what}" in out and "then a frozen linear probe" in out, out
+    assert "blocks [8, 8, 4] voxels" in out, out
+    rows = re.findall(r"^(.+?)\s+AUC (nan|[01]\.\d{3})  \(positives (\d+)/(\d+); random init (nan|[01]\.\d{3})\)$",
+                      out, re.M)
+    assert [r[0] for r in rows] == ["Lung nodule", "Arterial wall calcification", "Cardiomegaly"], out
+    assert any(r[1] != "nan" and r[4] != "nan" for r in rows), out      # the probe ran, on both encoders
+    assert re.search(r"last restore loss \(mse\) \d\.\d{5}", out), out
+    with pytest.raises(SystemExit, match="--net conv"):
+        supervised_ceiling.main([*args, mode, "--net", "conv"])
+
+
 def test_term_signal_trains_each_term_alone(phantom, capsys):
     """Each term trains alone and is printed beside log(B). With views that are the whole volume
     (scale 1, the volume's size, no flips, jitter or noise), the view<->report term sees exactly

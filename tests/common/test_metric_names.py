@@ -12,7 +12,7 @@ KEYS = ["loss/loss", "loss/clip", "health/image_cosine", "health/collapsed_image
         "zeroshot/report_centroid/train/mean_auc", "retrieval/i2t_R@1", "retrieval/t2i_R@5", "probe/mean_auc",
         "probe/auc/Emphysema", "probe/report/auc/Emphysema", "reportgen/bleu4", "reportgen/train_loss",
         "segmentation/mean_dice", "segmentation/random_init/mean_dice", "segmentation/dice/lung",
-        "valid/zeroshot/mean_auc", "external/radchest/zeroshot/mean_auc", "external/radchest/zeroshot/auc/Emphysema"]
+        "restore/error", "restore/corrupted_fraction", "valid/zeroshot/mean_auc", "external/radchest/zeroshot/mean_auc", "external/radchest/zeroshot/auc/Emphysema"]
 
 
 def sections(names: list[str]) -> list[str]:
@@ -31,7 +31,15 @@ def test_names():
     assert mlflow_name("health/image_cosine") == "train/health/image_cosine"
     assert mlflow_name("loss/loss") == "loss/loss" and mlflow_name("lr") == "lr"
     assert all(mlflow_name(mlflow_name(k)) == mlflow_name(k) for k in KEYS)     # a name in a group stays
-    assert TASK_PREFIXES == TASKS and {k.split("/")[0] for k in HEADLINE} <= set(TASKS)
+    assert TASK_PREFIXES == (*TASKS, "restore") and {k.split("/")[0] for k in HEADLINE} <= set(TASKS)
+
+
+def test_restoration_picture_metrics_are_task_details():
+    """The evaluator's restoration picture (evaluators.scoring.restore_picture) logs ``restore/*``
+    beside the tasks' details, not at the top level nor among the training loss terms."""
+    assert mlflow_name("restore/error") == "task/restore/error"
+    assert mlflow_name("restore/corrupted_fraction") == "task/restore/corrupted_fraction"
+    assert mlflow_name("loss/restore") == "loss/restore"                  # the training term stays a loss
 
 
 def test_headline_first_then_loss_then_details_then_bookkeeping():

@@ -75,3 +75,49 @@ def test_rotated_checkpoint_is_recorded_not_retried(run_dir, phantom, monkeypatc
     rec = Ledger(run_dir / "eval_ledger.jsonl").records()
     assert rec[0]["error"].startswith("FileNotFoundError") and rec[1]["error"] is None
     assert evaluate_pending(str(run_dir), str(phantom / "shards"), ["retrieval"], None) == []
+
+
+RESTORE_ON = ["restore.enabled=true", "restore.block_size=[8,8,4]", "restore.width=32"]
+
+
+def test_restoration_picture_at_each_restore_checkpoint(tmp_path, phantom, monkeypatch):
+    """A checkpoint trained with ``restore.enabled`` gets ``restore.png`` and ``restore/error`` in
+    its eval folder and the ledger (job ``restore``), once: a restarted evaluator redoes nothing. The
+    same study and corruption seed at every checkpoint; one without restoration gets nothing; a
+    failing picture is a ledger error and the tasks are still scored."""
+    import evaluators.scoring as scoring
+
+    for step in (7, 14):
+        _plain_export(tmp_path, step, seed=step, overrides=RESTORE_ON)
+    _plain_export(tmp_path, 21)                                            # restore disabled
+    shards = str(phantom / "shards")
+    new = evaluate_pending(str(tmp_path), shards, ["retrieval"], None)
+    assert [(n["checkpoint"], n["task"]) for n in new] == [
+        ("step_0000007", "retrieval"), ("step_0000007", "restore"),
+        ("step_0000014", "retrieval"), ("step_0000014", "restore"), ("step_0000021", "retrieval")]
+    recs = {(r["checkpoint"], r["task"]): r for r in Ledger(tmp_path / "eval_ledger.jsonl").results()}
+    for ck in ("step_0000007", "step_0000014"):
+        png = tmp_path / ck / "eval" / "restore.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        m = recs[(ck, "restore")]["metrics"]
+        assert m["restore/error"] > 0 and 0.5 < m["restore/corrupted_fraction"] < 0.7
+        assert recs[(ck, "restore")]["error"] is None and recs[(ck, "restore")]["step"] == int(ck[-2:])
+        saved = json.loads((tmp_path / ck / "eval" / "metrics.json").read_text())
+        assert saved["restore/error"] == m["restore/error"] and "retrieval/i2t_R@1" in saved
+    same = recs[("step_0000007", "restore")]["metrics"]["restore/corrupted_fraction"]
+    assert recs[("step_0000014", "restore")]["metrics"]["restore/corrupted_fraction"] == same   # same corruption
+    assert not (tmp_path / "step_0000021" / "eval" / "restore.png").exists()
+    assert ("step_0000021", "restore") not in recs
+    assert evaluate_pending(str(tmp_path), shards, ["retrieval"], None) == []             # restart: nothing redone
+
+    def broken(*a, **kw):
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr("trainer.model.restore.restoration_figure", broken)
+    _plain_export(tmp_path, 28, overrides=RESTORE_ON)
+    new = evaluate_pending(str(tmp_path), shards, ["retrieval"], None)
+    assert [(n["task"], bool(n.get("error"))) for n in new] == [("retrieval", False), ("restore", True)]
+    last = Ledger(tmp_path / "eval_ledger.jsonl").results()[-1]
+    assert last["task"] == "restore" and last["error"].startswith("RuntimeError") and "exploded" in last["error"]
+    assert evaluate_pending(str(tmp_path), shards, ["retrieval"], None) == []             # recorded, not retried
+    assert scoring.PICTURE_PNG == "restore.png"

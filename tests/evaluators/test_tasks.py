@@ -83,15 +83,17 @@ def test_linear_probe_separable_and_noise():
     assert r["easy"] > 0.97 and 0.3 < r["noise"] < 0.7
 
 
-def _plain_export(tmp_path, step: int = 7, seed: int = 0, info: dict | None = None, texts: list[str] | None = None):
-    """A checkpoint export written the way trainer.engine.export writes one (random weights)."""
+def _plain_export(tmp_path, step: int = 7, seed: int = 0, info: dict | None = None, texts: list[str] | None = None,
+                  overrides: list[str] | None = None):
+    """A checkpoint export written the way trainer.engine.export writes one (random weights);
+    ``overrides`` change configs/debug.yaml (e.g. ``restore.enabled=true``)."""
     from safetensors.torch import save_file
 
     from common.config import load_config, save_config
     from common.text import build_tokenizer
     from trainer.model import build_model
 
-    cfg = load_config(REPO / "configs/debug.yaml")
+    cfg = load_config(REPO / "configs/debug.yaml", overrides)
     out = tmp_path / f"step_{step:07d}" / "export"
     tok = build_tokenizer(texts or ["Cardiomegaly is present.", "No pleural effusion.", "Lung nodule is not present."],
                           2000 if texts else 200, out / "tokenizer")

@@ -1,5 +1,6 @@
-"""`make science`'s table: one variant (``--only clip``, or a score-only rerun) or both with the
-paired delta (a one-variant run used to end in an IndexError after training)."""
+"""`make science`'s table: one variant (``--only clip``, or a score-only rerun) or several, each with
+its paired delta against CLIP-only (a one-variant run used to end in an IndexError after training);
+the variants (``--variants``) and the segmentation scores (``--segmentation``)."""
 from __future__ import annotations
 
 import json
@@ -129,7 +130,7 @@ def test_train_on_one_generator_score_on_both(tmp_path, monkeypatch, capsys, gen
                         trained.append((v, shards, stem)) or out / f"{stem}-{v}" / f"s{seed}")
     monkeypatch.setattr(science, "last_export", lambda d: d / "step_0000010")
 
-    def fake_score(ck, shards):
+    def fake_score(ck, shards, **kw):
         scored.append((ck.parent.parent.name, shards.parent.name))
         signal = 1.0 if shards == prepared[0][2] or shards.parent.name == prepared[0][2] else 0.3
         return {**_fake(rng, y, signal), "checkpoint": str(ck), "metrics_ensemble": {}}
@@ -161,7 +162,7 @@ def test_no_external_set_keeps_the_report(tmp_path, monkeypatch):
     monkeypatch.setattr(science, "train", lambda v, shards, out, seed, o, stem="phantom": out / f"{stem}-{v}")
     monkeypatch.setattr(science, "last_export", lambda d: d)
     y = (np.random.default_rng(1).random((40, 18)) < 0.4).astype(float)
-    monkeypatch.setattr(science, "score", lambda ck, shards: {**_fake(np.random.default_rng(2), y, 1.0),
+    monkeypatch.setattr(science, "score", lambda ck, shards, **kw: {**_fake(np.random.default_rng(2), y, 1.0),
                                                               "checkpoint": str(ck), "metrics_ensemble": {}})
     assert science.main(["--out", str(tmp_path / "runs"), "--text-mlm-steps", "0", "--bootstrap", "10"]) == 0
     assert prepared == ["phantom-d0-n1200"]
@@ -169,3 +170,100 @@ def test_no_external_set_keeps_the_report(tmp_path, monkeypatch):
     assert r["external"] is None and r["generator"] == "synth" and set(r["summary"]) == {"single", "ensemble"}
     with pytest.raises(SystemExit, match="the external set is the training set"):
         science.main(["--out", str(tmp_path / "runs"), "--external", "synth", "--external-data-seed", "0"])
+
+
+def test_table_compares_every_variant_against_clip():
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 18)) < 0.4).astype(float)
+    res = {v: _fake(rng, y, s) for v, s in (("tma_restore", 0.8), ("clip", 0.0), ("clip_restore", 0.5), ("tma", 0.2))}
+    text, summary = science.table(res, n_boot=20, seed=0)
+    per = summary["single"]["per_label"]["Lung nodule"]
+    assert set(per) == {"clip", "tma", "clip_restore", "tma_restore", "delta", "delta_clip_restore",
+                        "delta_tma_restore"}                               # "delta" stays TMA - CLIP
+    assert per["delta_tma_restore"][0] > per["delta_clip_restore"][0] > per["delta"][0] > 0
+    for v in ("tma", "clip_restore", "tma_restore"):
+        d, lo, hi = per[science.delta_key(v)]
+        assert lo <= d <= hi and abs(d - (per[v][0] - per["clip"][0])) < 1e-9
+    assert list(summary["single"]["mean"]) == list(science.VARIANTS)      # the variants' order, not res'
+    assert "CLIP+TMA+restore" in text and "delta tma_restore = TMA+restore - CLIP" in text
+    assert "delta = TMA - CLIP" in text
+    # without CLIP-only nothing is compared
+    text, summary = science.table({"tma_restore": res["tma_restore"]}, n_boot=20, seed=0)
+    assert "delta" not in text and set(summary["single"]["per_label"]["Lung nodule"]) == {"tma_restore"}
+
+
+def test_variant_overrides_are_valid_at_the_preset():
+    from common.config import load_config
+
+    for v, sets in science.VARIANTS.items():
+        cfg = load_config(science.CONFIG, list(sets))
+        assert cfg.tma.enabled == ("tma" in v) and cfg.restore.enabled == v.endswith("_restore")
+        if cfg.restore.enabled:                      # 16 mm blocks on the 4 x 4 x 8 mm grid, weight 1
+            assert [b * s for b, s in zip(cfg.restore.block_size, cfg.data.spacing)] == [16.0, 16.0, 16.0]
+            assert cfg.restore.width == 32 and cfg.restore.weight == 1.0
+    assert science.parse_variants("tma_restore, clip") == ["clip", "tma_restore"]
+    with pytest.raises(SystemExit, match="unknown variant"):
+        science.parse_variants("clip,restore")
+
+
+def test_train_puts_the_variant_before_the_users_overrides(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_sh(cmd):
+        calls.append(cmd)
+        (tmp_path / "runs" / "phantom-clip_restore" / "s3").mkdir(parents=True)
+
+    monkeypatch.setattr(science, "sh", fake_sh)
+    run = science.train("clip_restore", tmp_path / "shards", tmp_path / "runs", 3, ["restore.width=64"])
+    assert run == tmp_path / "runs" / "phantom-clip_restore" / "s3" and (run / "science_train_seconds").is_file()
+    sets = [calls[0][i + 1] for i, x in enumerate(calls[0]) if x == "--set"]
+    assert f"train.output_dir={tmp_path / 'runs' / 'phantom-clip_restore'}" in sets
+    tail = sets[-6:]
+    assert tail == ["tma.enabled=false", *science.RESTORE, "restore.width=64"]      # --set wins
+
+
+def test_variants_are_trained_scored_and_reported(tmp_path, monkeypatch, capsys):
+    """``--variants`` trains each into its own folder; the default report's name and keys stay;
+    ``--segmentation`` adds the segmentation task to every variant's scoring and its Dice to the report."""
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 18)) < 0.4).astype(float)
+    trained, scored = [], []
+    monkeypatch.setattr(science, "prepare_data", lambda root, n, seed, g="synth": root / "shards")
+    monkeypatch.setattr(science, "train", lambda v, shards, out, seed, o, stem="phantom":
+                        trained.append(v) or out / f"{stem}-{v}" / f"s{seed}")
+    monkeypatch.setattr(science, "last_export", lambda d: d / "step_0000010")
+
+    def fake_score(ck, shards, segmentation=False):
+        v = ck.parent.parent.name.removeprefix("phantom-")
+        scored.append((v, segmentation))
+        r = {**_fake(rng, y, 1.0 if "restore" in v else 0.0), "checkpoint": str(ck), "metrics_ensemble": {}}
+        if segmentation:
+            r["metrics"].update({"segmentation/mean_dice": 0.4, "segmentation/random_init/mean_dice": 0.3,
+                                 "segmentation/gain_vs_random": 0.1})
+            r["segmentation_seconds"] = 1.0
+        return r
+
+    monkeypatch.setattr(science, "score", fake_score)
+    runs = tmp_path / "runs"
+    assert science.main(["--out", str(runs), "--text-mlm-steps", "0", "--bootstrap", "10",
+                         "--variants", "clip,tma,clip_restore,tma_restore", "--segmentation"]) == 0
+    assert trained == ["clip", "tma", "clip_restore", "tma_restore"]
+    assert scored == [(v, True) for v in trained]
+    r = json.loads((runs / "science-s0.json").read_text())                 # the default name
+    per = r["summary"]["single"]["per_label"]["Arterial wall calcification"]
+    assert {"clip", "tma", "delta", "delta_clip_restore", "delta_tma_restore"} <= set(per)
+    assert per["delta_tma_restore"][0] > 0.2
+    assert list(r["variants"]) == trained and "restore.enabled=true" in r["variants"]["tma_restore"]
+    assert r["segmentation"]["tma_restore"] == {"pretrained": 0.4, "random_init": 0.3, "gain_vs_random": 0.1,
+                                                "seconds": 1.0}
+    out = capsys.readouterr().out
+    assert "segmentation/random_init/mean_dice" in out and "CLIP+TMA+restore" in out
+    # the default: two variants, no segmentation
+    trained.clear(), scored.clear()
+    assert science.main(["--out", str(runs), "--text-mlm-steps", "0", "--bootstrap", "10"]) == 0
+    assert trained == ["clip", "tma"] and scored == [("clip", False), ("tma", False)]
+    r = json.loads((runs / "science-s0.json").read_text())
+    assert r["segmentation"] is None and "delta_clip_restore" not in r["summary"]["single"]["per_label"]["Lung nodule"]
+    assert "segmentation/mean_dice" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--only clip_restore is not among"):
+        science.main(["--out", str(runs), "--only", "clip_restore"])
