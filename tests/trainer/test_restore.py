@@ -8,6 +8,8 @@ import torch
 
 from common.config import ConfigError, load_config
 from tests.conftest import REPO
+from tests.trainer.test_model_losses import _batch
+from tests.trainer.test_step import phantom_batch
 from trainer.config import RestoreConfig
 from trainer.losses.restore import masked_error
 from trainer.model.corrupt import block_mask, corrupt
@@ -203,15 +205,8 @@ def test_restore_disabled_keeps_todays_parameters():
 
 # ------------------------------------------------------------------------------ in the model
 def _model_batch(cfg, b=2, v=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, cfg.model.vocab_size, (b, 12), generator=g)
-    ids[:, 0], ids[:, -1] = 2, 3
-    mask = torch.ones_like(ids)
-    mask[0, 8:] = 0
-    ids[0, 7] = 3
-    return {"image": torch.rand(b, 1, *cfg.data.size, generator=g),
-            "views": torch.rand(b, v, 1, *cfg.data.views.size, generator=g),
-            "input_ids": ids, "attention_mask": mask,
+    """test_model_losses' random batch, with the restoration seeds of each volume and view."""
+    return {**_batch(cfg, b, v, seed),
             "restore_seeds": torch.arange(b * (1 + v), dtype=torch.float64).view(b, 1 + v) + 100}
 
 
@@ -271,25 +266,6 @@ def test_restoration_figure_writes_a_png(cfg, tmp_path):
 
 
 # ------------------------------------------------------------------------------ training
-def _phantom_batch(cfg, phantom, n=4):
-    import numpy as np
-
-    from common.text import build_tokenizer
-    from data_service.shards import iter_split
-    from data_service.views import prepare_sample
-    from trainer.step import Batch
-
-    samples = list(iter_split(phantom / "shards", "train"))[:n]
-    tok = build_tokenizer([s["report"] for s in samples], 300)
-    items = [prepare_sample(s, cfg.data, seed=i) for i, s in enumerate(samples)]
-    enc = tok([it["report"] for it in items], padding="longest", truncation=True, max_length=96, return_tensors="np")
-    batch = Batch.from_numpy({"image": np.stack([it["image"] for it in items]),
-                              "views": np.stack([it["views"] for it in items]),
-                              "params": np.stack([it["params"] for it in items]),
-                              "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, "cpu", True)
-    return batch, tok
-
-
 @pytest.mark.timeout(400)
 def test_training_with_restore_lowers_the_restoration_loss(phantom):
     """The loop's step on a one-process engine, CLIP + TMA + restore on the debug preset: the
@@ -301,7 +277,7 @@ def test_training_with_restore_lowers_the_restoration_loss(phantom):
 
     cfg = load_config(REPO / "configs/debug.yaml", ["train.lr=0.001", "train.warmup_steps=0", "train.steps=20",
                                                     "train.batch_size=4", "tma.prototypes=2", *ON])
-    batch, tok = _phantom_batch(cfg, phantom)
+    batch, tok = phantom_batch(cfg, phantom)
     torch.manual_seed(0)
     engine = init_engine(build_model(cfg, len(tok)), cfg)
     loss_fn = T3DLoss(cfg.tma, cfg.restore)

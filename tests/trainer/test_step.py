@@ -29,20 +29,15 @@ def test_augment_reference_hand_case():
     assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02 and not torch.equal(z, hash_normal(4, 100_000))
 
 
-@pytest.mark.timeout(300)
-def test_train_step_outside_ray_learns(phantom):
-    """The step the Ray Train loop runs, on a one-process engine: the loss falls on a fixed batch."""
+def phantom_batch(cfg, phantom, n=4):
+    """The first ``n`` train phantoms as the loader ships them (views, parameters), on the CPU, and a
+    tokenizer built from their reports."""
     from common.text import build_tokenizer
     from data_service.shards import iter_split
     from data_service.views import prepare_sample
-    from trainer.engine import init_engine
-    from trainer.losses import T3DLoss
-    from trainer.model import build_model
-    from trainer.step import Batch, train_step
+    from trainer.step import Batch
 
-    cfg = load_config(REPO / "configs/debug.yaml", ["train.lr=0.001", "train.warmup_steps=0", "train.steps=30",
-                                                    "train.batch_size=4", "tma.prototypes=2"])
-    samples = list(iter_split(phantom / "shards", "train"))[:4]
+    samples = list(iter_split(phantom / "shards", "train"))[:n]
     tok = build_tokenizer([s["report"] for s in samples], 300)
     items = [prepare_sample(s, cfg.data, seed=i) for i, s in enumerate(samples)]
     enc = tok([it["report"] for it in items], padding="longest", truncation=True, max_length=96, return_tensors="np")
@@ -50,6 +45,20 @@ def test_train_step_outside_ray_learns(phantom):
                               "views": np.stack([it["views"] for it in items]),
                               "params": np.stack([it["params"] for it in items]),
                               "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, "cpu", True)
+    return batch, tok
+
+
+@pytest.mark.timeout(300)
+def test_train_step_outside_ray_learns(phantom):
+    """The step the Ray Train loop runs, on a one-process engine: the loss falls on a fixed batch."""
+    from trainer.engine import init_engine
+    from trainer.losses import T3DLoss
+    from trainer.model import build_model
+    from trainer.step import train_step
+
+    cfg = load_config(REPO / "configs/debug.yaml", ["train.lr=0.001", "train.warmup_steps=0", "train.steps=30",
+                                                    "train.batch_size=4", "tma.prototypes=2"])
+    batch, tok = phantom_batch(cfg, phantom)
     torch.manual_seed(0)
     engine = init_engine(build_model(cfg, len(tok)), cfg)
     loss_fn = T3DLoss(cfg.tma)
