@@ -264,3 +264,13 @@ def add_config_args(parser) -> None:
     parser.add_argument("--config", default=None, help="YAML preset (configs/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config key, e.g. train.steps=10")
+
+
+def parse_config_cli(parser, argv: list[str] | None = None):
+    """Parse a CLI built with ``add_config_args``: set the log level and load the config.
+    Returns (args, config)."""
+    from common.log import configure
+
+    a = parser.parse_args(argv)
+    configure(a.log_level)
+    return a, load_config(a.config, a.overrides)

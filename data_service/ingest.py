@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from common import log, storage
-from common.config import add_config_args, load_config
+from common import storage
+from common.config import add_config_args, parse_config_cli
 from data_service import shards as sh
 from data_service.config import DataConfig
 from data_service.io import Reject
@@ -269,9 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="processes (local engine); 0 = config/cores")
     p.add_argument("--no-progress", action="store_true")
     add_config_args(p)
-    a = p.parse_args(argv)
-    log.configure(a.log_level)
-    cfg = load_config(a.config, a.overrides)
+    a, cfg = parse_config_cli(p, argv)
     man = run(a.source, a.input, a.out, cfg.data, a.engine, a.workers, not a.no_progress)
     c = man["counts"]
     print(f"ingest: in={c['in']} written={c['written']} rejected={c['rejected']} "

@@ -343,12 +343,12 @@ class EvalThread:
 
 
 def main(argv=None) -> int:
+    from evaluators import scoring
+
     p = argparse.ArgumentParser(prog="python -m evaluators.actor", description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--data", required=True, action="append", metavar="[NAME=]SHARDS",
-                   help="shards to score on (repeatable: the first is the internal set, every other "
-                        "NAME=SHARDS an external one, scored as external/NAME/...)")
-    p.add_argument("--tasks", default="all", help="comma list or 'all'")
+    scoring.add_cli_args(p, "shards to score on (repeatable: the first is the internal set, every other "
+                            "NAME=SHARDS an external one, scored as external/NAME/...)")
     p.add_argument("--every-n", type=int, default=1, help="score every n-th checkpoint")
     p.add_argument("--cpus", type=float, default=0.5)
     p.add_argument("--gpus", type=float, default=0.0, help="GPU share of the evaluator actor")
@@ -360,16 +360,7 @@ def main(argv=None) -> int:
     log.add_level_arg(p)
     a = p.parse_args(argv)
     log.configure(a.log_level)
-    from evaluators.config import check_best_metric, parse_datasets
-    from evaluators.scoring import check_datasets, parse_tasks
-
-    try:
-        tasks = parse_tasks(a.tasks)
-        datasets = parse_datasets(a.data)
-        check_best_metric("--best-metric", a.best_metric, list(datasets)[1:])
-        check_datasets(datasets)                # before any scoring: a bad one is named with its location
-    except ValueError as e:
-        raise SystemExit(str(e)) from e
+    tasks, datasets = scoring.parse_cli_args(a, best_metric=a.best_metric)
     import ray
 
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)

@@ -19,8 +19,7 @@ import sys
 
 from common import log, storage
 from common.metric_names import split_external
-from evaluators.config import TASKS, parse_datasets
-from evaluators.scoring import check_datasets, parse_tasks, score_datasets
+from evaluators.scoring import add_cli_args, parse_cli_args, score_datasets
 from trainer.checkpoint import list_checkpoints
 
 
@@ -38,10 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--checkpoint", help="a checkpoint folder (with export/) or an export folder")
     g.add_argument("--run-dir", help="score every step_* checkpoint of a training run")
-    p.add_argument("--data", required=True, action="append", metavar="[NAME=]SHARDS",
-                   help="ingested shards (train, valid and test splits); repeatable: the first is the internal "
-                        "set, every other NAME=SHARDS an external one (scored as external/NAME/...)")
-    p.add_argument("--tasks", default="all", help=f"comma list or 'all' ({','.join(TASKS)})")
+    add_cli_args(p, "ingested shards (train, valid and test splits); repeatable: the first is the internal "
+                    "set, every other NAME=SHARDS an external one (scored as external/NAME/...)")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default: eval.bootstrap)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the checkpoint's config, e.g. eval.seg_steps=100 (repeatable)")
@@ -50,12 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     log.add_level_arg(p)
     a = p.parse_args(argv)
     log.configure(a.log_level)
-    try:
-        tasks = parse_tasks(a.tasks)
-        datasets = parse_datasets(a.data)
-        check_datasets(datasets)            # before any scoring: a bad one is named with its location
-    except ValueError as e:
-        raise SystemExit(str(e)) from e
+    tasks, datasets = parse_cli_args(a)
     ckpts = [storage.normalize(a.checkpoint)] if a.checkpoint else list_checkpoints(a.run_dir)
     if not ckpts:
         raise SystemExit(f"{a.run_dir}: no step_* checkpoints")

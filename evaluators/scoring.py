@@ -270,6 +270,28 @@ def as_datasets(shards: str | Path | dict[str, str]) -> dict[str, str]:
     return {k: str(v) for k, v in shards.items()} if isinstance(shards, dict) else {INTERNAL: str(shards)}
 
 
+def add_cli_args(p, data_help: str) -> None:
+    """The scoring CLIs' shared ``--data`` (repeatable, ``[NAME=]SHARDS``) and ``--tasks``."""
+    p.add_argument("--data", required=True, action="append", metavar="[NAME=]SHARDS", help=data_help)
+    p.add_argument("--tasks", default="all", help=f"comma list or 'all' ({','.join(TASKS)})")
+
+
+def parse_cli_args(a, best_metric: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """``add_cli_args``'s values -> (tasks, datasets), every dataset readable and ``best_metric`` one
+    of them, before any scoring: SystemExit naming the bad value otherwise."""
+    from evaluators.config import check_best_metric, parse_datasets
+
+    try:
+        tasks = parse_tasks(a.tasks)
+        datasets = parse_datasets(a.data)
+        if best_metric is not None:
+            check_best_metric("--best-metric", best_metric, list(datasets)[1:])
+        check_datasets(datasets)
+    except ValueError as e:                 # ConfigError is one
+        raise SystemExit(str(e)) from e
+    return tasks, datasets
+
+
 def check_datasets(datasets: dict[str, str]) -> None:
     """Every dataset readable (its ``manifest.json``), before any scoring: ValueError naming the
     dataset and its location otherwise."""

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from common import log, storage
-from common.config import add_config_args, load_config, load_object, save_config
+from common.config import add_config_args, load_object, parse_config_cli, save_config
 from common.storage import StorageError
 from trainer.checkpoint import list_checkpoints
 
@@ -218,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.pretrain", description=__doc__.split("\n")[0])
     add_config_args(p)
     p.add_argument("--log-samples", action="store_true", help="write the keys each rank trained on")
-    a = p.parse_args(argv)
-    log.configure(a.log_level)
-    cfg = load_config(a.config, a.overrides)
+    a, cfg = parse_config_cli(p, argv)
     try:
         result, run_dir, uri, run_id = fit(cfg, a.log_samples, preset=a.config)
     except StorageError as e:

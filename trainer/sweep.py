@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import log, storage
-from common.config import ConfigError, add_config_args, config_from_dict, load_config, merge, nested, save_config
+from common.config import ConfigError, add_config_args, config_from_dict, merge, nested, parse_config_cli, save_config
 from trainer.checkpoint import EXPORT_INFO, export_of, step_name
 from trainer.pretrain import init_ray, mlflow_run, resolve_paths
 
@@ -279,9 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.sweep", description=__doc__.split("\n")[0])
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
-    a = p.parse_args(argv)
-    log.configure(a.log_level)
-    out = run(load_config(a.config, a.overrides), a.resume, a.config)
+    a, cfg = parse_config_cli(p, argv)
+    out = run(cfg, a.resume, a.config)
     cols = [k for k in out["rows"][0] if k not in ("run_dir", "error")] if out["rows"] else []
     print("\n" + "  ".join(f"{c:>14s}"[-14:] for c in cols))
     for r in out["rows"]:

@@ -31,8 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import log
-from common.config import add_config_args, load_config
+from common.config import add_config_args, parse_config_cli
 
 
 def read_corpus(path: str | Path, column: str = "report_text") -> list[str]:
@@ -161,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--vocab-size", type=int, default=None, help="default: model.vocab_size of the flavour")
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    log.configure(a.log_level)
-    cfg = load_config(a.config, a.overrides)
+    a, cfg = parse_config_cli(p, argv)
     if cfg.model.text_encoder:
         raise SystemExit(f"model.text_encoder={cfg.model.text_encoder} is set: text_mlm trains a text tower "
                          "from scratch, with the flavour's text_* sizes")
