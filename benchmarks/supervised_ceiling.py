@@ -108,6 +108,23 @@ def adamw_warmup(params, cfg):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
 
 
+def train_steps(loss_of, opt, sched, steps: int, draw, label: str, t0: float):
+    """``steps`` optimiser steps on ``loss_of(draw())`` (a batch of train indices), a line every 100;
+    returns the last loss."""
+    import torch
+
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        loss = loss_of(draw())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0:
+            print(f"step {step + 1}/{steps} {label} {loss.item():.5f} ({time.time() - t0:.0f} s)", flush=True)
+    return loss
+
+
 def restore_probe(a, cfg, names: list[str], cols: list[int], dev: str) -> int:
     """``--restore`` / ``--restore-text`` (module doc): restoration-only pretraining, then a linear
     probe of the frozen encoder, beside the probe of its random init."""
@@ -145,10 +162,9 @@ def restore_probe(a, cfg, names: list[str], cols: list[int], dev: str) -> int:
     def features(enc, x: np.ndarray) -> np.ndarray:
         return np.concatenate([enc(inputs(x[i:i + 32]))[0].float().cpu().numpy() for i in range(0, len(x), 32)])
 
-    t0, loss = time.time(), torch.tensor(float("nan"))
+    t0 = time.time()
     model.train()
-    for step in range(a.steps):
-        idx = rng.choice(len(xtr), min(a.batch, len(xtr)), replace=False)
+    def restore_loss(idx: np.ndarray) -> torch.Tensor:
         x = inputs(xtr[idx])
         seeds = torch.from_numpy(rng.integers(0, 2 ** 31, len(idx))).to(dev)
         if text:
@@ -156,13 +172,10 @@ def restore_probe(a, cfg, names: list[str], cols: list[int], dev: str) -> int:
             _, mask, pred = model.restore_study(x, enc["input_ids"].to(dev), enc["attention_mask"].to(dev), seeds)
         else:
             _, mask, pred = restore_through(model.image, model.restorer, x, seeds, cfg.restore)
-        loss = masked_error(pred, x, mask, cfg.restore.loss)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % 100 == 0:
-            print(f"step {step + 1}/{a.steps} restore loss {loss.item():.5f} ({time.time() - t0:.0f} s)", flush=True)
+        return masked_error(pred, x, mask, cfg.restore.loss)
+
+    loss = train_steps(restore_loss, opt, sched, a.steps,
+                       lambda: rng.choice(len(xtr), min(a.batch, len(xtr)), replace=False), "restore loss", t0)
     model.image.eval()
 
     def probe(enc) -> dict[str, float]:
@@ -263,16 +276,11 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     enc.train()
-    for step in range(a.steps):
-        idx = rng.choice(len(xtr), a.batch, replace=False)
+    def bce(idx: np.ndarray) -> torch.Tensor:
         logits = head(enc(augmented(xtr[idx]))[0])
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(ytr[idx]).to(dev))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % 100 == 0:
-            print(f"step {step + 1}/{a.steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(ytr[idx]).to(dev))
+
+    train_steps(bce, opt, sched, a.steps, lambda: rng.choice(len(xtr), a.batch, replace=False), "loss", t0)
     probs, fit = predict(xte), predict(xtr[:200])
     net = "" if a.net == "encoder" else f"one conv (stride {a.conv_stride}, {a.conv_pool} pool); "
     aug = f"flips + shifts up to {a.shift} voxels; " if a.augment else ""

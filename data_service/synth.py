@@ -308,16 +308,24 @@ def _write_case(job) -> tuple[str, dict]:
                    "spacing": spacing, "shape": shape, "raw": raw_storage}
 
 
+def ctrate_row(r: dict, clinical: str, technique: str, vendor: str, intercept: int, sex: str, age: int,
+               thickness: float | None = None) -> dict:
+    """One case's rows of the CT-RATE tables (``write_ctrate_tables``): ``r`` holds its ``name``,
+    ``labels``, ``findings``, ``impression``, ``spacing`` (x, y, z mm) and ``shape`` (x, y, z)."""
+    sp, sh = r["spacing"], r["shape"]
+    meta = {"Manufacturer": vendor, "XYSpacing": f"[{sp[0]}, {sp[1]}]", "ZSpacing": sp[2],
+            "RescaleIntercept": intercept, "RescaleSlope": 1, "Rows": sh[1], "Columns": sh[0], "NumberofSlices": sh[2]}
+    if thickness is not None:
+        meta["SliceThickness"] = thickness
+    return {"name": r["name"], "labels": r["labels"],
+            "report": dict(zip(CTRATE_REPORT_COLUMNS, (clinical, technique, r["findings"], r["impression"]))),
+            "metadata": {**meta, "PatientSex": sex, "PatientAge": f"{age:03d}Y"}}
+
+
 def _table_row(i: int, r: dict) -> dict:
     """A case's rows of the CT-RATE tables (``i``: its place in its split)."""
-    sp, sh = r["spacing"], r["shape"]
-    return {"name": r["name"], "labels": r["labels"],
-            "report": {"ClinicalInformation_EN": "Phantom study.", "Technique_EN": "Non-contrast chest CT.",
-                       "Findings_EN": r["findings"], "Impressions_EN": r["impression"]},
-            "metadata": {"Manufacturer": "PhantomCT", "XYSpacing": f"[{sp[0]}, {sp[1]}]", "ZSpacing": sp[2],
-                         "RescaleIntercept": -1024 if r["raw"] else 0, "RescaleSlope": 1, "Rows": sh[1],
-                         "Columns": sh[0], "NumberofSlices": sh[2], "PatientSex": "MF"[i % 2],
-                         "PatientAge": f"{40 + i % 40:03d}Y"}}
+    return ctrate_row(r, "Phantom study.", "Non-contrast chest CT.", "PhantomCT", -1024 if r["raw"] else 0,
+                      "MF"[i % 2], 40 + i % 40)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from common.labels import FINDINGS
-from data_service.synth import PLANTED, run_cases, write_ctrate_tables
+from data_service.synth import PLANTED, ctrate_row, run_cases, write_ctrate_tables
 
 ORIENTATIONS = ("LPS", "LPS", "LPI", "RAS", "LAS", "RPI", "PLS")
 VENDORS = ("Helix Systems", "Aurora Medical", "Northwind Imaging")
@@ -1103,15 +1103,9 @@ def generate(out: str | Path, n: int, seed: int = 0, valid_fraction: float = 0.3
 def _table_row(r: dict) -> dict:
     """A case's rows of the CT-RATE tables (``synth.write_ctrate_tables``)."""
     d = r["det"]
-    sp, sh = d["spacing"], d["shape"]
     tech = f"Non-contrast CT of the thorax, {d['thickness']:g} mm slices, {d['kernel']} kernel."
-    return {"name": r["name"], "labels": r["labels"],
-            "report": {"ClinicalInformation_EN": "External phantom study.", "Technique_EN": tech,
-                       "Findings_EN": r["findings"], "Impressions_EN": r["impression"]},
-            "metadata": {"Manufacturer": d["vendor"], "XYSpacing": f"[{sp[0]}, {sp[1]}]", "ZSpacing": sp[2],
-                         "RescaleIntercept": 0 if d["storage"] == "hu" else -1024, "RescaleSlope": 1,
-                         "Rows": sh[1], "Columns": sh[0], "NumberofSlices": sh[2], "SliceThickness": d["thickness"],
-                         "PatientSex": d["sex"], "PatientAge": f"{d['age']:03d}Y"}}
+    return ctrate_row({**r, "spacing": d["spacing"], "shape": d["shape"]}, "External phantom study.", tech,
+                      d["vendor"], 0 if d["storage"] == "hu" else -1024, d["sex"], d["age"], d["thickness"])
 
 
 def main(argv: list[str] | None = None) -> int:
