@@ -2,11 +2,13 @@
 
     python -m benchmarks.stream [--config configs/t3d.yaml] [--n 12] [--views 2] [--ray] [--zero]
 
-Both sides make what a training step needs from one study: the whole volume and ``--views`` TMA
-views, on one core each (one process, torch and blosc2 on one thread):
+Three sides, each in its own process, in one run, make what a training step needs from one study: the
+whole volume and ``--views`` TMA views, on one core each (torch and blosc2 on one thread):
 - ours: a shard sample read by byte offset -> decoded (``data.codec``) -> int16 volume, int16 views
   (random crop + MONAI ``Resize``), augmentation parameters, tokenized report (``DecodeCrop``, the
   Ray Data task's function); the float work runs later on the trainer's device;
+- on-device: the same with ``data.views.on_device``: the loader decodes and draws, the views are
+  cut on the trainer's device (printed too: what that cut costs per volume on one CPU core);
 - MONAI: ``LoadImaged`` on the raw .nii.gz -> ``Orientationd`` -> ``Spacingd`` ->
   ``ScaleIntensityRanged`` -> ``ResizeWithPadOrCropd`` -> ``RandSpatialCropSamplesd`` (the views,
   at the config's crop scale) -> ``Resized``.
@@ -26,9 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
+SIDES = ("ours", "on-device", "monai")   # loader-cut views, views cut on the trainer (data.views.on_device), MONAI raw
 
 
 def _one_thread() -> None:
@@ -43,12 +44,12 @@ def _one_thread() -> None:
         pass
 
 
-def run_ours(cfg_path: str, shards: str, tok: str, views: int, reps: int) -> dict:
+def run_ours(cfg_path: str, shards: str, tok: str, views: int, reps: int, on_device: bool = False) -> dict:
     _one_thread()
     from common.config import load_config
     from data_service.stream import DecodeCrop, build_index, loader_batch
 
-    cfg = load_config(cfg_path, [f"data.views.n={views}"])
+    cfg = load_config(cfg_path, [f"data.views.n={views}", f"data.views.on_device={str(on_device).lower()}"])
     index = build_index(shards, "train")
     keys = sorted(index)
     actor = DecodeCrop(cfg.data, tok, seed=0, text_unit=cfg.model.text_unit)
@@ -59,8 +60,18 @@ def run_ours(cfg_path: str, shards: str, tok: str, views: int, reps: int) -> dic
         batch["micro"][:] = r
         out = actor(batch)
     dt = time.perf_counter() - t
-    assert out["ok"].all() and out["views"].shape[1] == views
-    return {"volumes": reps * len(keys), "seconds": dt, "peak_rss_mb": _rss_mb()}
+    assert out["ok"].all() and (out["boxes"] if on_device else out["views"]).shape[1] == views
+    res = {"volumes": reps * len(keys), "seconds": dt, "peak_rss_mb": _rss_mb()}
+    if on_device:                      # what the trainer then pays per volume to cut, here on this CPU core
+        import torch
+
+        from data_service.views import cut_on_device
+
+        image = torch.from_numpy(out["image"])
+        t = time.perf_counter()
+        cut_on_device(image, out["shift"], out["boxes"], cfg.data.views.size)
+        res["cut_s_per_volume"] = (time.perf_counter() - t) / len(keys)
+    return res
 
 
 def run_monai(cfg_path: str, raw: str, views: int, reps: int) -> dict:
@@ -137,25 +148,30 @@ def main(argv=None) -> int:
     p.add_argument("--zero", action="store_true", help="also trainer samples/s per ZeRO stage (debug)")
     p.add_argument("--spin", action="store_true", help="also the loader's CPU in a backpressured worker, "
                    "chunked vs one Ray Data execution")
-    p.add_argument("--one", choices=["ours", "monai"], help=argparse.SUPPRESS)
+    p.add_argument("--one", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--data", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
         raw, shards, tok = a.data
-        r = (run_ours(a.config, shards, tok, a.views, a.reps) if a.one == "ours"
-             else run_monai(a.config, raw, a.views, max(1, a.reps // 2)))
+        r = (run_monai(a.config, raw, a.views, max(1, a.reps // 2)) if a.one == "monai"
+             else run_ours(a.config, shards, tok, a.views, a.reps, on_device=a.one == "on-device"))
         print("RESULT " + json.dumps(r))
         return 0
     with tempfile.TemporaryDirectory() as d:
         raw, shards, tok = prepare(a.config, Path(d), a.n)
         res = {side: _side(["--one", side, "--config", a.config, "--views", str(a.views), "--reps", str(a.reps),
-                            "--data", raw, shards, tok]) for side in ("ours", "monai")}
+                            "--data", raw, shards, tok]) for side in SIDES}
         for side, r in res.items():
             r["vol_per_s"] = r["volumes"] / r["seconds"]
-            print(f"{side:6s} {r['volumes']} volumes in {r['seconds']:.1f} s on one core = {r['vol_per_s']:.2f} "
+            print(f"{side:9s} {r['volumes']} volumes in {r['seconds']:.1f} s on one core = {r['vol_per_s']:.2f} "
                   f"volumes/s per core; peak RSS {r['peak_rss_mb']:.0f} MB")
+        monai = res["monai"]["vol_per_s"]
         print(f"stream, {a.views} views, {Path(a.config).name}: ours {res['ours']['vol_per_s']:.2f} vs MONAI "
-              f"{res['monai']['vol_per_s']:.2f} volumes/s per core, ratio x{res['ours']['vol_per_s'] / res['monai']['vol_per_s']:.2f}")
+              f"{monai:.2f} volumes/s per core, ratio x{res['ours']['vol_per_s'] / monai:.2f}")
+        dev = res["on-device"]
+        print(f"stream, views cut on the device, {Path(a.config).name}: {dev['vol_per_s']:.2f} volumes/s per loader core, "
+              f"x{dev['vol_per_s'] / res['ours']['vol_per_s']:.2f} the loader-cut stream, x{dev['vol_per_s'] / monai:.2f} "
+              f"MONAI; the cut then costs the trainer {dev['cut_s_per_volume'] * 1e3:.1f} ms per volume on one CPU core")
         if a.ray:
             print(f"Ray Data task pool: {ray_pool(a.config, shards, tok, a.views):.2f} volumes/s")
         if a.spin:

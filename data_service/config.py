@@ -15,6 +15,8 @@ class ViewsConfig:
     flip_prob: float = 0.5                      # random flip per axis
     intensity_jitter: float = 0.1               # +- scale/shift of normalised intensity
     noise_std: float = 0.02                     # gaussian noise on normalised intensity
+    on_device: bool = False                     # crop/resize the views (and shift the volume) on the trainer's
+                                                # device: the loader ships each volume once (data_service.views)
 
 
 @dataclass

@@ -23,6 +23,7 @@ import numpy as np
 
 SCHEMA_VERSION = 2
 MEMBERS = ("report.txt", "meta.json")
+MASK_MEMBERS = ("mask.bin", "mask.npz")     # the organ mask (schema 2, schema 1): evaluation reads it, training not
 CODECS = ("npz", "zstd", "zstd-shuffle", "blosc2-lz4", "blosc2-zstd")
 """Array codecs: ``npz`` (zlib, schema 1's), ``zstd`` (level 3), ``zstd-shuffle`` (bytes of each
 int16 split into two planes first), ``blosc2-lz4`` / ``blosc2-zstd`` (blosc2 with its shuffle filter)."""
@@ -49,10 +50,26 @@ def encode_array(a: np.ndarray, codec: str) -> bytes:
     raise ValueError(f"codec {codec!r} is not one of {list(CODECS)}")
 
 
-def decode_array(data: bytes, codec: str, shape, dtype) -> np.ndarray:
-    """Bytes -> an array of ``shape`` / ``dtype``; raises ValueError when they do not fit."""
+def decode_array(data: bytes, codec: str, shape, dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """Bytes -> an array of ``shape`` / ``dtype``; raises ValueError when they do not fit. ``out``
+    (C-contiguous, that shape and dtype): decoded into it (blosc2 writes there directly, with no
+    array of its own)."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape)) * dtype.itemsize
+    if out is not None:
+        if out.dtype != dtype or tuple(out.shape) != tuple(shape) or not out.flags.c_contiguous:
+            raise ValueError(f"out: expected a C-contiguous {dtype} array of shape {tuple(shape)}, "
+                             f"got {out.dtype} {tuple(out.shape)}")
+        if codec in ("blosc2-lz4", "blosc2-zstd"):
+            import blosc2
+
+            size = blosc2.get_cbuffer_sizes(bytes(data))[0]
+            if size != n:                            # a header claiming another size is not read
+                raise ValueError(f"blosc2 chunk holds {size} bytes, {n} expected")
+            blosc2.decompress2(bytes(data), dst=out)
+            return out
+        out[...] = decode_array(data, codec, shape, dtype)
+        return out
     if codec == "npz":
         with np.load(io.BytesIO(bytes(data))) as z:
             out = z[z.files[0]]
@@ -116,9 +133,10 @@ def encode_sample(study_id: str, hu: np.ndarray, report: str, meta: dict[str, An
     return sample
 
 
-def decode_sample(raw: dict[str, Any], decode_ct: bool = True) -> dict[str, Any]:
-    """Raw member bytes (as webdataset / Ray Data give them) -> sample dict.
-    Raises CorruptSample naming the key and the member that failed."""
+def decode_sample(raw: dict[str, Any], decode_ct: bool = True, ct_out: np.ndarray | None = None) -> dict[str, Any]:
+    """Raw member bytes (as webdataset / Ray Data give them) -> sample dict; ``ct_out``: the array
+    to decode the volume into (``decode_array``'s ``out``). Raises CorruptSample naming the key and
+    the member that failed."""
     key = raw.get("__key__", "?")
     for m in MEMBERS:
         if raw.get(m) is None:
@@ -131,14 +149,16 @@ def decode_sample(raw: dict[str, Any], decode_ct: bool = True) -> dict[str, Any]
     out = {"key": key, "meta": meta, "report": report}
     if decode_ct:
         v1 = raw.get("ct.bin") is None                       # schema 1: npz members
-        ct_member, mask_member = ("ct.npz", "mask.npz") if v1 else ("ct.bin", "mask.bin")
+        ct_member, mask_member = ("ct.npz", MASK_MEMBERS[1]) if v1 else ("ct.bin", MASK_MEMBERS[0])
         codec = "npz" if v1 else meta.get("codec")
         if raw.get(ct_member) is None:
             raise CorruptSample(f"sample {key!r}: member 'ct.bin' (or schema 1's 'ct.npz') is missing")
         if "size" not in meta and not v1:
             raise CorruptSample(f"sample {key!r}: meta.json has no 'size'")
         size = meta.get("size")
-        out["ct"] = _decode(raw[ct_member], codec, size, np.int16, key, ct_member)
+        if ct_out is not None and size is not None and tuple(size) != tuple(ct_out.shape):
+            raise CorruptSample(f"sample {key!r}: ct size {tuple(size)} is not the grid read into, {tuple(ct_out.shape)}")
+        out["ct"] = _decode(raw[ct_member], codec, size, np.int16, key, ct_member, ct_out if size else None)
         if size is not None and tuple(out["ct"].shape) != tuple(size):
             raise CorruptSample(f"sample {key!r}: ct shape {out['ct'].shape} != meta size {size}")
         if raw.get(mask_member) is not None:
@@ -146,12 +166,12 @@ def decode_sample(raw: dict[str, Any], decode_ct: bool = True) -> dict[str, Any]
     return out
 
 
-def _decode(data: Any, codec: str | None, shape, dtype, key: str, member: str) -> np.ndarray:
+def _decode(data: Any, codec: str | None, shape, dtype, key: str, member: str, out=None) -> np.ndarray:
     try:
         if codec == "npz" and shape is None:
             with np.load(io.BytesIO(bytes(data))) as z:
                 return z[z.files[0]]
-        return decode_array(data, codec, shape, dtype)
+        return decode_array(data, codec, shape, dtype, out)
     except Exception as e:  # noqa: BLE001 - any decoder failure is this sample's corruption
         raise CorruptSample(f"sample {key!r}: member '{member}' is corrupt: {type(e).__name__}: {e}") from e
 

@@ -40,7 +40,7 @@ import numpy as np
 from common import storage
 from common.text import encode_reports
 from data_service.config import DataConfig
-from data_service.shards import CorruptSample, decode_sample, split_shards
+from data_service.shards import MASK_MEMBERS, CorruptSample, decode_sample, split_shards
 from data_service.views import N_PARAMS, MultiViewCrop, prepare_sample, seed_for
 
 
@@ -136,6 +136,8 @@ class DecodeCrop:
             shard = str(self.cache.get(shard))
         with storage.open_input(shard) as f:
             for name, (off, size) in members.items():
+                if name in MASK_MEMBERS:                   # training never reads the organ mask
+                    continue
                 raw[name] = f.read_at(size, off)
                 if len(raw[name]) != size:
                     raise CorruptSample(f"sample {key!r}: member '{name}' truncated in {shard}")
@@ -145,21 +147,32 @@ class DecodeCrop:
         d, v = self.data, self.data.views
         n = len(batch["key"])
         image = np.empty((n, 1, *d.size), np.int16)            # every row is written below (zeros if it failed)
-        views = np.empty((n, v.n, 1, *v.size), np.int16)
+        if v.on_device:                                        # the trainer cuts: boxes and shifts only
+            cut = {"boxes": np.zeros((n, v.n, 6), np.int32), "shift": np.zeros((n, 3), np.int32)}
+        else:
+            cut = {"views": np.empty((n, v.n, 1, *v.size), np.int16)}
         params = np.zeros((n, 1 + v.n, N_PARAMS), np.float64)
         reports, errors = [], []
         ok = np.ones(n, np.int8)
         for i in range(n):
             key, micro = str(batch["key"][i]), int(batch["micro"][i])
             try:
-                s = decode_sample(self._read(str(batch["shard"][i]), json.loads(batch["members"][i]), key))
+                raw = self._read(str(batch["shard"][i]), json.loads(batch["members"][i]), key)
+                # on_device ships the volume as stored: decoded straight into the batch
+                s = decode_sample(raw, ct_out=image[i, 0] if v.on_device else None)
                 p = prepare_sample(s, d, seed_for(self.seed, micro, key), self.crop)
-                image[i], views[i], params[i] = p["image"], p["views"], p["params"]
+                if not np.may_share_memory(p["image"], image[i]):
+                    image[i] = p["image"]
+                params[i] = p["params"]
+                for k, a in cut.items():
+                    a[i] = p[k]
                 reports.append(p["report"])
                 errors.append("")
             except (CorruptSample, OSError, ValueError) as e:
                 ok[i] = 0
-                image[i], views[i] = 0, 0
+                image[i] = 0
+                for a in cut.values():
+                    a[i] = 0
                 reports.append("")
                 errors.append(str(e)[:500])
         neg = self.text_unit == "sentence" and d.augment.negated_sentences
@@ -167,7 +180,7 @@ class DecodeCrop:
                              d.max_sentence_tokens, pad_to_max=True, return_tensors="np", negations=neg)
         extra = {k: enc[k].astype(np.int64) for k in ("neg_input_ids", "neg_attention_mask") if k in enc}
         return {**extra, "key": batch["key"], "micro": batch["micro"], "position": batch["position"] if "position" in batch else np.full(n, -1), "ok": ok, "error": np.array(errors, dtype=object),
-                "image": image, "views": views, "params": params, "input_ids": enc["input_ids"].astype(np.int64),
+                "image": image, **cut, "params": params, "input_ids": enc["input_ids"].astype(np.int64),
                 "attention_mask": enc["attention_mask"].astype(np.int64)}
 
 

@@ -11,12 +11,19 @@ The work is split where it is cheapest (docs/design.md, "Data path"):
   their order in the packed float64 array the loader ships.
 MONAI's ``Rand*`` transforms are not used for the random part: each holds its own RandomState and
 does its float work on the loader's CPU, whereas here one seeded draw decides everything and the
-float work moves to the accelerator. The resize is MONAI's ``Resize``.
+float work moves to the accelerator. The resize is trilinear ``interpolate`` with
+``align_corners=False``, what MONAI's ``Resize`` calls (``resize_views``; a test holds them equal).
+
+With ``views.on_device`` the loader only draws: it ships the unshifted int16 volume once, with the
+views' crop boxes, the volume's shift and the parameters, and the trainer's device cuts, resizes
+and shifts (``cut_on_device``) with the same code, so the loader is bound by decoding alone and
+the sample is the same either way.
 """
 from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
@@ -114,34 +121,50 @@ class AugmentParams:
                              self.noise_std.reshape(*shape), self.seed.reshape(*shape))
 
 
+def resize_views(hu: torch.Tensor, boxes: np.ndarray, size: Sequence[int]) -> torch.Tensor:
+    """The views of one volume: hu (X, Y, Z) of any dtype, on any device; ``boxes`` (V, 6) host ints
+    (start x, y, z, then size x, y, z) -> (V, 1, *size) int16 on hu's device, each box resized
+    trilinearly (``align_corners=False``, what MONAI's ``Resize`` calls) and rounded half to even.
+    The loader's views and the trainer's device-cut ones (``views.on_device``) both come from here."""
+    out = torch.empty((len(boxes), 1, *size), dtype=torch.int16, device=hu.device)
+    for v, (x, y, z, a, b, c) in enumerate(np.asarray(boxes).tolist()):
+        crop = hu[x:x + a, y:y + b, z:z + c].float()[None, None]
+        out[v, 0] = torch.nn.functional.interpolate(crop, size=tuple(size), mode="trilinear",
+                                                    align_corners=False)[0, 0].round()
+    return out
+
+
 class MultiViewCrop:
     """Array transform: int16 HU (X, Y, Z) -> V random crops resized to ``views.size`` (int16) and
     their packed float parameters (V, N_PARAMS; ``AugmentParams.to_array``). A crop's edge is a random
-    fraction (``views.scale``) of the volume's edge."""
+    fraction (``views.scale``) of the volume's edge. ``draw`` alone makes the random choices (the
+    boxes and parameters): with ``views.on_device`` the loader ships those and the trainer cuts."""
 
     def __init__(self, cfg: ViewsConfig):
         if cfg.n < 0:
             raise ValueError(f"views.n must be >= 0, got {cfg.n}")
-        from monai.transforms import Resize
-
         self.cfg = cfg
-        self.resize = Resize(spatial_size=list(cfg.size), mode="trilinear", align_corners=False)
+
+    def draw(self, shape: Sequence[int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes (V, 6) int32: start x, y, z, size x, y, z; packed parameters (V, N_PARAMS))."""
+        c = self.cfg
+        boxes = np.empty((c.n, 6), np.int32)
+        params = []
+        for v in range(c.n):
+            s = rng.uniform(c.scale[0], c.scale[1])
+            size = [max(4, int(round(d * s))) for d in shape]
+            boxes[v] = [int(rng.integers(0, d - k + 1)) for d, k in zip(shape, size)] + size
+            params.append(AugmentParams.draw(rng, c.flip_prob, c.intensity_jitter, c.noise_std))
+        return boxes, AugmentParams.stack(params).to_array()
 
     def __call__(self, hu: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if hu.ndim != 3:
             raise ValueError(f"volume must be (X, Y, Z), got {tuple(hu.shape)}")
-        c = self.cfg
-        views = np.empty((c.n, 1, *c.size), np.int16)
-        params = []
-        for v in range(c.n):
-            s = rng.uniform(c.scale[0], c.scale[1])
-            size = [max(4, int(round(d * s))) for d in hu.shape]
-            start = [int(rng.integers(0, d - k + 1)) for d, k in zip(hu.shape, size)]
-            crop = hu[start[0]:start[0] + size[0], start[1]:start[1] + size[1], start[2]:start[2] + size[2]]
-            out = self.resize(torch.from_numpy(crop.astype(np.float32))[None])
-            views[v, 0] = np.rint(np.asarray(out[0])).astype(np.int16)
-            params.append(AugmentParams.draw(rng, c.flip_prob, c.intensity_jitter, c.noise_std))
-        return views, AugmentParams.stack(params).to_array()
+        boxes, params = self.draw(hu.shape, rng)
+        with warnings.catch_warnings():          # a decoded volume is read-only; it is only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            src = torch.from_numpy(hu)
+        return resize_views(src, boxes, self.cfg.size).numpy(), params
 
 
 class MultiViewCropd:
@@ -156,12 +179,20 @@ class MultiViewCropd:
         return d
 
 
-def shift_volume(hu: np.ndarray, rng: np.random.Generator, fraction: float) -> np.ndarray:
-    """Translate by up to ``fraction`` of each edge; what comes in from outside is air."""
+def draw_shift(shape: Sequence[int], rng: np.random.Generator, fraction: float) -> np.ndarray:
+    """A random translation of up to ``fraction`` of each edge, (3,) int32 voxels (no draw at 0)."""
     if fraction <= 0:
+        return np.zeros(3, np.int32)
+    return np.array([int(rng.integers(-int(d * fraction), int(d * fraction) + 1)) for d in shape], np.int32)
+
+
+def shift_volume(hu, shifts: Sequence[int]):
+    """Translate hu (X, Y, Z: a numpy array, or a tensor on any device) by ``shifts`` voxels (host
+    ints); what comes in from outside is air."""
+    shifts = [int(s) for s in shifts]
+    if not any(shifts):
         return hu
-    shifts = [int(rng.integers(-int(d * fraction), int(d * fraction) + 1)) for d in hu.shape]
-    out = np.full_like(hu, int(AIR))
+    out = hu.new_full(hu.shape, int(AIR)) if isinstance(hu, torch.Tensor) else np.full_like(hu, int(AIR))
     src = tuple(slice(max(0, -s), d - max(0, s)) for s, d in zip(shifts, hu.shape))
     dst = tuple(slice(max(0, s), d - max(0, -s)) for s, d in zip(shifts, hu.shape))
     out[dst] = hu[src]
@@ -201,13 +232,32 @@ def augment_report(text: str, rng: np.random.Generator, aug: AugmentConfig) -> s
 def prepare_sample(sample: dict[str, Any], data: DataConfig, seed: int,
                    crop: MultiViewCrop | None = None) -> dict[str, Any]:
     """A decoded shard sample -> the loader's part of a training sample (see the module doc):
-    ``image`` (1, X, Y, Z) int16, ``views`` (V, 1, *views.size) int16, ``params`` (1 + V, N_PARAMS)
-    for the device-side float work (``AugmentParams.to_array``; row 0: the whole volume), and the sampled ``report``."""
+    ``image`` (1, X, Y, Z) int16, ``params`` (1 + V, N_PARAMS) for the device-side float work
+    (``AugmentParams.to_array``; row 0: the whole volume), the sampled ``report``, and the views:
+    ``views`` (V, 1, *views.size) int16, or with ``views.on_device`` their ``boxes`` (V, 6) and the
+    ``shift`` (3,) of the whole volume, ``image`` left unshifted (``cut_on_device`` finishes it)."""
     rng = np.random.default_rng(seed)
-    aug = data.augment
-    image = shift_volume(sample["ct"], rng, aug.shift)[None]
-    views, vparams = (crop or MultiViewCrop(data.views))(sample["ct"], rng)
+    aug, ct = data.augment, sample["ct"]
+    shift = draw_shift(ct.shape, rng, aug.shift)
+    crop = crop or MultiViewCrop(data.views)
+    if data.views.on_device:
+        boxes, vparams = crop.draw(ct.shape, rng)
+        out = {"image": ct[None], "boxes": boxes, "shift": shift}
+    else:
+        views, vparams = crop(ct, rng)
+        out = {"image": shift_volume(ct, shift)[None], "views": views}
     whole = AugmentParams.draw(rng, 0.0, aug.intensity_jitter, aug.noise_std)      # no flips of the whole volume
     params = np.concatenate([AugmentParams.stack([whole]).to_array(), vparams])
-    return {"key": sample["key"], "image": image, "views": views, "params": params,
-            "report": augment_report(sample["report"], rng, aug)}
+    return {"key": sample["key"], **out, "params": params, "report": augment_report(sample["report"], rng, aug)}
+
+
+def cut_on_device(image: torch.Tensor, shift: np.ndarray, boxes: np.ndarray | None, size: Sequence[int],
+                  views: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loader's view and shift work, on the trainer's device (``views.on_device``): image
+    (B, 1, X, Y, Z) int16 unshifted; shift (B, 3) and boxes (B, V, 6) host ints -> the shifted image
+    and the views (B, V, 1, *size) int16 (None without ``views``), equal to what the loader ships
+    without ``on_device``."""
+    views = torch.stack([resize_views(image[b, 0], boxes[b], size) for b in range(image.shape[0])]) if views else None
+    if np.asarray(shift).any():
+        image = torch.stack([shift_volume(image[b, 0], shift[b])[None] for b in range(image.shape[0])])
+    return image, views

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from data_service.config import DataConfig
-from data_service.views import AugmentParams
+from data_service.views import AugmentParams, cut_on_device
 from trainer.kernels import augment
 
 
@@ -28,6 +28,8 @@ class Batch:
     attention_mask: torch.Tensor        # (B, L)
     neg_input_ids: torch.Tensor | None = None       # (B, S, Ls) each sentence negated (data.augment.negated_sentences)
     neg_attention_mask: torch.Tensor | None = None
+    shift: np.ndarray | None = None     # data.views.on_device: (B, 3) host ints, image still unshifted
+    boxes: np.ndarray | None = None     # and (B, V, 6) the views' crop boxes, cut on the device (views None)
 
     @classmethod
     def from_numpy(cls, b: dict[str, Any], device, views: bool, rows: np.ndarray | None = None) -> "Batch":
@@ -39,8 +41,10 @@ class Batch:
             return to_device(torch.from_numpy(host(name)), device)
 
         neg = [t(k) if k in b else None for k in ("neg_input_ids", "neg_attention_mask")]
-        return cls(t("image"), t("views") if views else None, AugmentParams.from_array(host("params")),
-                   t("input_ids"), t("attention_mask"), *neg)
+        on_device = "boxes" in b
+        cut = {"shift": host("shift"), "boxes": host("boxes") if views else None} if on_device else {}
+        return cls(t("image"), t("views") if views and not on_device else None,
+                   AugmentParams.from_array(host("params")), t("input_ids"), t("attention_mask"), *neg, **cut)
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -68,14 +72,17 @@ def restore_seeds(batch: Batch, device) -> torch.Tensor:
 
 
 def model_inputs(batch: Batch, data: DataConfig, dtype: torch.dtype, kernel: str = "auto"):
-    """int16 HU + parameters -> the float image (B,1,X,Y,Z) and views (B,V,1,x,y,z) or None."""
-    image = augment(batch.image, batch.params[:, 0], data.hu_window, kernel).to(dtype)
+    """int16 HU + parameters -> the float image (B,1,X,Y,Z) and views (B,V,1,x,y,z) or None. With
+    ``data.views.on_device`` the views are cut and the image shifted here first (``cut_on_device``)."""
+    image, int_views = batch.image, batch.views
+    if batch.shift is not None:
+        image, int_views = cut_on_device(image, batch.shift, batch.boxes, data.views.size, batch.boxes is not None)
     views = None
-    if batch.views is not None and batch.views.shape[1] > 0:
-        b, v = batch.views.shape[:2]
-        flat = augment(batch.views.flatten(0, 1), batch.params[:, 1:].reshape(-1), data.hu_window, kernel)
+    if int_views is not None and int_views.shape[1] > 0:
+        b, v = int_views.shape[:2]
+        flat = augment(int_views.flatten(0, 1), batch.params[:, 1:].reshape(-1), data.hu_window, kernel)
         views = flat.view(b, v, *flat.shape[1:]).to(dtype)
-    return image, views
+    return augment(image, batch.params[:, 0], data.hu_window, kernel).to(dtype), views
 
 
 def train_step(engine, loss_fn, batch: Batch, data: DataConfig, dtype: torch.dtype = torch.float32,

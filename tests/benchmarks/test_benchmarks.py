@@ -20,7 +20,7 @@ def test_ingest_benchmark_runs_both_sides(capsys):
     assert re.search(r"ingest, debug\.yaml: ratio x\d+\.\d\d", out), out
 
 
-def test_stream_benchmark_runs_both_sides(capsys):
+def test_stream_benchmark_runs_every_side(capsys):
     from benchmarks import stream
 
     assert stream.main(["--config", str(REPO / "configs/debug.yaml"), "--n", "5", "--reps", "2"]) == 0
@@ -29,6 +29,8 @@ def test_stream_benchmark_runs_both_sides(capsys):
     assert n > 0 and n % 2 == 0, out                                # reps x the train split
     assert re.search(r"stream, 2 views, debug\.yaml: ours [\d.]+ vs MONAI [\d.]+ volumes/s per core, ratio x\d+\.\d\d",
                      out), out
+    assert re.search(r"views cut on the device, debug\.yaml: [\d.]+ volumes/s per loader core, x\d+\.\d\d the "
+                     r"loader-cut stream, x\d+\.\d\d MONAI; the cut then costs the trainer [\d.]+ ms", out), out
 
 
 def test_train_step_benchmark_counts_flops_per_stage(capsys):

@@ -30,6 +30,12 @@ def test_codecs_round_trip_exactly(codec):
     for x in (a, m):
         b = encode_array(x, codec)
         assert np.array_equal(decode_array(b, codec, x.shape, x.dtype), x)
+        into = np.zeros((2, *x.shape), x.dtype)                   # decoded in place (the on-device loader's batch)
+        row = into[1]
+        assert decode_array(b, codec, x.shape, x.dtype, out=row) is row
+        assert np.array_equal(into[1], x) and not into[0].any()
+    with pytest.raises(ValueError, match=r"out: expected a C-contiguous int16 array of shape \(17, 9, 5\)"):
+        decode_array(encode_array(a, codec), codec, a.shape, a.dtype, out=np.zeros((17, 9, 4), np.int16))
     if codec != "npz":
         with pytest.raises(ValueError, match="expected"):       # a member whose header claims another size
             decode_array(encode_array(a, codec), codec, (17, 9, 6), np.int16)

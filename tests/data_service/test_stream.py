@@ -9,7 +9,7 @@ import pytest
 from data_service.config import AugmentConfig, ViewsConfig
 from data_service.shards import iter_split
 from data_service.stream import DecodeCrop, Plan, build_index, loader_batch
-from data_service.views import N_PARAMS, MultiViewCrop, augment_report, shift_volume
+from data_service.views import N_PARAMS, MultiViewCrop, augment_report, draw_shift, resize_views, shift_volume
 
 
 def test_plan_is_exact_and_resumable():
@@ -59,6 +59,53 @@ def test_views_deterministic_per_seed():
         t(vol[None], np.random.default_rng(0))
 
 
+def test_view_resize_is_monai_resize():
+    """``resize_views`` (the loader's and the device's resize) is what MONAI's ``Resize`` gives,
+    rounded: the crop boxes of a real draw, trilinear, ``align_corners=False``."""
+    import torch
+    from monai.transforms import Resize
+
+    cfg = ViewsConfig(n=4, size=[16, 12, 8], scale=[0.4, 1.0])
+    vol = np.random.default_rng(0).integers(-1000, 1000, (40, 36, 20)).astype(np.int16)
+    boxes, _ = MultiViewCrop(cfg).draw(vol.shape, np.random.default_rng(5))
+    ours = resize_views(torch.from_numpy(vol), boxes, cfg.size).numpy()
+    monai = Resize(spatial_size=cfg.size, mode="trilinear", align_corners=False)
+    for v, (x, y, z, a, b, c) in enumerate(boxes.tolist()):
+        want = np.rint(np.asarray(monai(torch.from_numpy(vol[x:x + a, y:y + b, z:z + c].astype(np.float32))[None])[0]))
+        assert np.array_equal(ours[v, 0], want.astype(np.int16)), v
+    assert len({tuple(b[3:]) for b in boxes.tolist()}) > 1                 # boxes of several sizes
+
+
+def test_views_cut_on_the_device_equal_the_loaders(phantom, debug_cfg, tmp_path):
+    """``data.views.on_device``: the loader ships the unshifted volume, its shift and the views'
+    boxes; ``trainer.step.model_inputs`` cuts them, giving the very model inputs of the loader-cut
+    batch (same seed, same sample: exact resume is unchanged), a shift and jitter on."""
+    import dataclasses
+
+    import torch
+
+    from common.text import build_tokenizer
+    from trainer.step import Batch, model_inputs
+
+    index = build_index(phantom / "shards", "train")
+    tok_dir = tmp_path / "tok"
+    build_tokenizer(["no pleural effusion", "cardiomegaly is present"], 200, tok_dir)
+    d = debug_cfg.data
+    d = dataclasses.replace(d, augment=dataclasses.replace(d.augment, shift=0.2, intensity_jitter=0.1, noise_std=0.02),
+                            views=dataclasses.replace(d.views, n=3, scale=[0.4, 1.0]))
+    on = dataclasses.replace(d, views=dataclasses.replace(d.views, on_device=True))
+    batch = loader_batch(index, [(3, k, -1) for k in sorted(index)[:4]])
+    loader, device = DecodeCrop(d, str(tok_dir), seed=1)(batch), DecodeCrop(on, str(tok_dir), seed=1)(batch)
+    assert "views" not in device and device["boxes"].shape == (4, 3, 6) and device["shift"].shape == (4, 3)
+    assert device["shift"].any() and not np.array_equal(device["image"], loader["image"])   # shipped unshifted
+    assert np.array_equal(device["params"], loader["params"]) and np.array_equal(device["input_ids"], loader["input_ids"])
+    a, b = Batch.from_numpy(loader, "cpu", views=True), Batch.from_numpy(device, "cpu", views=True)
+    (ia, va), (ib, vb) = model_inputs(a, d, torch.float32, "torch"), model_inputs(b, on, torch.float32, "torch")
+    assert torch.equal(ia, ib) and torch.equal(va, vb) and va.shape == (4, 3, 1, *d.views.size)
+    ic, vc = model_inputs(Batch.from_numpy(device, "cpu", views=False), on, torch.float32, "torch")
+    assert torch.equal(ic, ia) and vc is None                                  # CLIP only: no views cut
+
+
 def test_report_sampling_and_shift():
     aug = AugmentConfig(sentence_keep=0.5, sentence_shuffle=True)
     text = "Findings: A b. C d. E f. G h.\nImpression: X; Y."
@@ -69,7 +116,7 @@ def test_report_sampling_and_shift():
         assert words and words <= set("A b. C d. E f. G h. X; Y.".split())    # only whole sentences survive
     assert augment_report(text, np.random.default_rng(0), AugmentConfig()) == text     # off: unchanged
     vol = np.arange(10 * 10 * 10, dtype=np.int16).reshape(10, 10, 10)
-    moved = shift_volume(vol, np.random.default_rng(4), 0.2)
+    moved = shift_volume(vol, draw_shift(vol.shape, np.random.default_rng(4), 0.2))
     assert moved.shape == vol.shape and not np.array_equal(moved, vol)
     assert (moved == -1024).any()                                         # air comes in at the edge
     kept = moved[moved != -1024]

@@ -90,12 +90,16 @@ def test_zero_stages_train_and_export(ray_local, phantom, tmp_path, stage):
 
 
 def test_resume_after_killed_worker_matches_uninterrupted(ray_local, phantom, tmp_path):
+    """Both runs with the views cut and the volume shifted on the trainer (data.views.on_device;
+    the loader-cut path resumes exactly in the elastic tests)."""
     from safetensors.torch import load_file
 
-    ref = _fit(_cfg(phantom, tmp_path, "ref"), log_samples=True)
+    device = {"data.views.on_device": "true", "data.augment.shift": 0.1}
+    ref = _fit(_cfg(phantom, tmp_path, "ref", **device), log_samples=True)
     from tests.faults import KillWorkerAt
 
-    cut = _fit(_cfg(phantom, tmp_path, "cut", **{"ray.max_failures": 1}), log_samples=True, callbacks=[KillWorkerAt(2)])
+    cut = _fit(_cfg(phantom, tmp_path, "cut", **device, **{"ray.max_failures": 1}), log_samples=True,
+               callbacks=[KillWorkerAt(2)])
     assert (cut / "failed_at_2").is_file(), "the fault was not injected"
     a, b = _samples(ref), _samples(cut)
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]            # same micro-steps, none skipped
@@ -119,7 +123,7 @@ def test_resume_after_killed_worker_matches_uninterrupted(ray_local, phantom, tm
     assert "bytes" in verify_checkpoint(ref / "step_0000004")
     for f in ref.glob("samples_rank*.jsonl"):
         f.unlink()
-    again = _fit(_cfg(phantom, tmp_path, "ref", **{"train.steps": 6}), log_samples=True)
+    again = _fit(_cfg(phantom, tmp_path, "ref", **device, **{"train.steps": 6}), log_samples=True)
     assert sorted(_samples(again)) == [2, 3, 4, 5]            # resumed at step 2 (micro-step 2), not 4
     st = json.loads((again / "step_0000006/state.json").read_text())
     assert st["step"] == 6 and st["micro"] == 6
