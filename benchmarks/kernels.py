@@ -6,7 +6,8 @@
   local alignment: 8 images per worker against 8 workers x 8 reports, 256 tokens, 32 regions per
   128x128x64 view, 256-d.
 - device-side augmentation (``train.augment_kernel``) of one paper-grid micro-batch: ``--volumes``
-  int16 volumes of 256x256x128 and two 128x128x64 views each, window + flips + jitter + noise.
+  int16 volumes of 256x256x128 and two 128x128x64 views each, window + flips + jitter + noise;
+- the views cut on the device (``data.views.on_device``): crop, resize and shift of that micro-batch.
 
 Needs a CUDA GPU for numbers. On a machine without one it checks parity at a small size in
 Triton's interpreter and says so.
@@ -73,7 +74,9 @@ def main(argv=None) -> int:
     print(f"fused      {tf * 1e3:8.2f} ms/iter  peak {mf / 2**20:8.1f} MiB")
     print(f"ratio      speed x{tr / tf:.2f}  memory x{mf / mr:.2f} (fused / reference)")
     ok = err < 1e-4
-    return 0 if bench_augment(a.volumes, a.iters) and ok else 1
+    ok = bench_augment(a.volumes, a.iters) and ok
+    bench_cut(a.volumes, a.iters)
+    return 0 if ok else 1
 
 
 def bench_augment(volumes: int, iters: int) -> bool:
@@ -115,6 +118,31 @@ def bench_augment(volumes: int, iters: int) -> bool:
         print(f"  ratio     speed x{tr / tf:.2f}  memory x{mf / mr:.2f} (fused / reference)")
         out.append(err < 1e-5)
     return all(out)
+
+
+def bench_cut(volumes: int, iters: int) -> None:
+    """The views cut on the device (``data.views.on_device``): a paper-grid micro-batch of
+    ``volumes`` int16 volumes, two views each (boxes drawn as the loader draws them), plus a shift."""
+    import numpy as np
+    import torch
+
+    from data_service.config import ViewsConfig
+    from data_service.views import MultiViewCrop, cut_on_device, draw_shift
+
+    rng = np.random.default_rng(0)
+    x = torch.randint(-1200, 3200, (volumes, 1, 256, 256, 128), dtype=torch.int16).cuda()
+    crop = MultiViewCrop(ViewsConfig(n=2, size=[128, 128, 64], scale=[0.75, 1.0]))
+    boxes = np.stack([crop.draw(x.shape[2:], rng)[0] for _ in range(volumes)])
+    shift = np.stack([draw_shift(x.shape[2:], rng, 0.1) for _ in range(volumes)])
+    cut_on_device(x, shift, boxes, crop.cfg.size)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        cut_on_device(x, shift, boxes, crop.cfg.size)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / iters
+    print(f"views cut on the device {tuple(x.shape)} + 2 views of 128x128x64 each, shifted: {dt * 1e3:.2f} ms "
+          f"per micro-batch ({volumes / dt:.0f} volumes/s)")
 
 
 if __name__ == "__main__":
