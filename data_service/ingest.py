@@ -270,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     add_config_args(p)
     a, cfg = parse_config_cli(p, argv)
-    man = run(a.source, a.input, a.out, cfg.data, a.engine, a.workers, not a.no_progress)
+    try:
+        man = run(a.source, a.input, a.out, cfg.data, a.engine, a.workers, not a.no_progress)
+    except FileNotFoundError as e:          # an --input that is not there: its message names it
+        raise SystemExit(f"ingest: {e}") from e
     c = man["counts"]
     print(f"ingest: in={c['in']} written={c['written']} rejected={c['rejected']} "
           f"{c['rejected_by_reason']} splits={c['written_by_split']} -> {a.out} ({man['seconds']} s)")

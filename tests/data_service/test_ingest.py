@@ -170,6 +170,10 @@ def test_bad_source_and_input_errors(tmp_path):
         discover("nope", tmp_path)
     with pytest.raises(FileNotFoundError, match="not a CT-RATE layout"):
         discover("ctrate", tmp_path)
+    from data_service import ingest
+
+    with pytest.raises(SystemExit, match=f"ingest: --input {tmp_path / 'absent'}: not a folder"):   # the CLI: no traceback
+        ingest.main(["--source", "ctrate", "--input", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
 
 
 @pytest.mark.slow
