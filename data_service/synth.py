@@ -328,18 +328,30 @@ def _table_row(i: int, r: dict) -> dict:
                       "MF"[i % 2], 40 + i % 40)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_service.synth", description=__doc__.split("\n")[0])
+def generator_parser(prog: str, doc: str, banks) -> argparse.ArgumentParser:
+    """The command line every phantom generator shares (``experiments.science`` calls them alike):
+    --out --n --seed --valid-fraction --heldout-wording (one of ``banks``) --workers."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, required=True, help="number of volumes")
+    p.add_argument("--n", type=int, required=True, help="number of volumes (>= 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--valid-fraction", type=float, default=0.3)
-    p.add_argument("--heldout-wording", choices=sorted(BANKS), default="second",
+    p.add_argument("--heldout-wording", choices=sorted(banks), default="second",
                    help="wording bank of the held-out (valid/test) reports")
     p.add_argument("--workers", type=int, default=1, help="processes")
+    return p
+
+
+def parse_generator_args(p: argparse.ArgumentParser, argv: list[str] | None):
     a = p.parse_args(argv)
     if a.n < 1:
         p.error(f"--n must be >= 1, got {a.n}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = generator_parser("python -m data_service.synth", __doc__, BANKS)
+    a = parse_generator_args(p, argv)
     counts = generate(a.out, a.n, a.seed, a.valid_fraction, heldout_wording=a.heldout_wording, workers=a.workers)
     print(f"synth: wrote {sum(counts.values())} phantom volumes {counts} in CT-RATE layout -> {a.out}")
     return 0

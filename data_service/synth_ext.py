@@ -28,7 +28,6 @@ was (the tests use that). One volume is in memory per worker.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -36,7 +35,14 @@ import numpy as np
 from scipy import ndimage
 
 from common.labels import FINDINGS
-from data_service.synth import PLANTED, ctrate_row, run_cases, write_ctrate_tables
+from data_service.synth import (
+    PLANTED,
+    ctrate_row,
+    generator_parser,
+    parse_generator_args,
+    run_cases,
+    write_ctrate_tables,
+)
 
 ORIENTATIONS = ("LPS", "LPS", "LPI", "RAS", "LAS", "RPI", "PLS")
 VENDORS = ("Helix Systems", "Aurora Medical", "Northwind Imaging")
@@ -1109,18 +1115,9 @@ def _table_row(r: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_service.synth_ext", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, required=True, help="number of volumes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--valid-fraction", type=float, default=0.3)
-    p.add_argument("--heldout-wording", choices=sorted(_BANK), default="second",
-                   help="wording bank of the held-out (valid/test) reports")
-    p.add_argument("--workers", type=int, default=1, help="processes")
+    p = generator_parser("python -m data_service.synth_ext", __doc__, _BANK)
     p.add_argument("--voxel-scale", type=float, default=1.0, help="> 1: coarser voxels, smaller volumes (tests)")
-    a = p.parse_args(argv)
-    if a.n < 1:
-        p.error(f"--n must be >= 1, got {a.n}")
+    a = parse_generator_args(p, argv)
     if a.voxel_scale <= 0:
         p.error(f"--voxel-scale must be > 0, got {a.voxel_scale}")
     counts = generate(a.out, a.n, a.seed, a.valid_fraction, heldout_wording=a.heldout_wording, workers=a.workers,
