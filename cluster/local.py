@@ -116,6 +116,8 @@ def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port:
         if _http_ok(st["mlflow_uri"] + "/health") and _ray_alive(st):
             print("cluster already up")
             return st
+    check_ports_free({"MLflow (--mlflow-port)": mlflow_port, "the Ray dashboard (--dashboard-port)": dashboard_port,
+                      "Ray's GCS (--ray-port)": ray_port})
     env = _env()
     env["MLFLOW_TRACKING_URI"] = f"http://{HOST}:{mlflow_port}"   # job drivers inherit the head's env
     env[MARKER] = str(sd)
@@ -220,6 +222,30 @@ def _env_of(p) -> dict:
 
 def _free_port() -> int:
     return _free_ports(1)[0]
+
+
+class PortInUse(RuntimeError):
+    """A port the cluster needs is taken by another process."""
+
+
+def check_ports_free(ports: dict[str, int]) -> None:
+    """Before anything starts: PortInUse naming every port of ``ports`` (what it is for -> port)
+    that something already listens on at HOST, and how to choose another."""
+    import socket
+
+    busy = []
+    for what, port in ports.items():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the servers do: TIME_WAIT is no listener
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                busy.append(f"{HOST}:{port} for {what}")
+    if busy:
+        raise PortInUse("cannot start the local cluster: " + "; ".join(busy) + " already in use by another "
+                        "process (another Ray, e.g. a `python -m trainer.pretrain` without RAY_ADDRESS, or a "
+                        "second cluster). Stop it, or pick other ports: python -m cluster.local up --mlflow-port "
+                        "P --dashboard-port P --ray-port P")
 
 
 def _free_ports(n: int, avoid: set[int] | frozenset[int] = frozenset()) -> list[int]:
@@ -412,8 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     sd = state_dir(a.dir)
     if a.action == "up":
-        st = up(sd, a.num_cpus, a.mlflow_port, a.dashboard_port, a.ray_port, a.object_store_mb, a.worker_slots,
-                a.storage, multinode=a.nodes > 1 or a.multi_node)
+        try:
+            st = up(sd, a.num_cpus, a.mlflow_port, a.dashboard_port, a.ray_port, a.object_store_mb, a.worker_slots,
+                    a.storage, multinode=a.nodes > 1 or a.multi_node)
+        except PortInUse as e:
+            raise SystemExit(str(e)) from e
         for _ in range(len(st.get("nodes", [])) + 1, a.nodes):
             st = add_node(sd, a.node_cpus)
         print_usage(st)

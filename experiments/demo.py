@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     d = (REPO / a.dir).resolve()
     s3 = a.storage == "s3"
-    st = local.up(local.state_dir(), 8, 5000, 8265, 6380, 1024, storage=s3)
+    try:
+        st = local.up(local.state_dir(), 8, 5000, 8265, 6380, 1024, storage=s3)
+    except local.PortInUse as e:
+        raise SystemExit(f"demo: {e}") from e
     if s3 and not st.get("s3_endpoint"):
         raise SystemExit("demo: the cluster is up without its object store: `make down`, then `make demo STORAGE=s3`")
     raw = d / "raw"
