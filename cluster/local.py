@@ -66,7 +66,7 @@ def _env() -> dict[str, str]:
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
     """True when a server answers (an HTTP error such as 401 from token auth counts as up)."""
     import urllib.error
-    import urllib.request   # not implied by urllib.error (a fresh `make demo` waited 300 s on a live server)
+    import urllib.request  # not implied by urllib.error (a fresh `make demo` waited 300 s on a live server)
 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -144,6 +144,8 @@ def up(sd: Path, num_cpus: int, mlflow_port: int, dashboard_port: int, ray_port:
            "--include-dashboard=true", *([f"--resources={json.dumps({SLOT: worker_slots})}"] if worker_slots else [])]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
+        # what `ray start` did start before it failed (a GCS on the port, say) goes too
+        _stop_procs(_ray_procs({"ray_temp_dir": str(tmp), "marker": str(sd)}))
         if store is not None:
             objectstore.stop(store)
         raise RuntimeError(f"ray start failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
@@ -333,8 +335,6 @@ def _ray_alive(st: dict) -> bool:
 
 
 def down(sd: Path) -> None:
-    import psutil
-
     st_file = sd / "state.json"
     if not st_file.is_file():
         print(f"no cluster state in {sd}: nothing to stop")
@@ -347,20 +347,7 @@ def down(sd: Path) -> None:
         except (ProcessLookupError, PermissionError):
             pass
     procs = _ray_procs(st)
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:                        # ignored SIGTERM for 15 s (a busy agent): kill, and wait
-        try:                               # until it is gone, so `down` returns with nothing left
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _, stuck = psutil.wait_procs(alive, timeout=15)
-    if stuck:
-        print(f"WARNING: {len(stuck)} Ray processes still there after SIGKILL: {[p.pid for p in stuck]}")
+    _stop_procs(procs)
     store = _store(st)
     if store is not None:
         from cluster import objectstore
@@ -369,6 +356,26 @@ def down(sd: Path) -> None:
     st_file.unlink()
     print(f"stopped MLflow (pid {pid}), {len(procs)} Ray processes of {st['ray_temp_dir']}"
           + (f" and the object store at {st['s3_endpoint']}" if store else ""))
+
+
+def _stop_procs(procs: list) -> None:
+    """SIGTERM, then SIGKILL what ignored it for 15 s (a busy agent), and wait until it is gone."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, stuck = psutil.wait_procs(alive, timeout=15)
+    if stuck:
+        print(f"WARNING: {len(stuck)} Ray processes still there after SIGKILL: {[p.pid for p in stuck]}")
 
 
 def _store(st: dict):

@@ -5,7 +5,7 @@
     logger.info("step %d", step)
 
 Records go to the process's current ``sys.stdout`` (Ray forwards a worker's stdout to the driver
-and the job log; pytest's capture sees them), formatted ``[t3d rank R LEVEL] message``. The rank is
+and the job log; pytest's capture sees them), formatted ``[t3d HH:MM:SS rank R LEVEL] message`` (the local time, to the second). The rank is
 torch.distributed's where a group is up, else ``RANK`` from the environment, else ``-``. The level
 comes from ``configure(level)`` (the entry points' ``--log-level``), else ``T3D_LOG_LEVEL``, else
 INFO; ``configure`` puts it in ``T3D_LOG_LEVEL`` so that subprocesses log at the same level. tqdm
@@ -59,7 +59,7 @@ def configure(level: str | None = None) -> logging.Logger:
     root = logging.getLogger(ROOT)
     if not any(isinstance(h, _Stdout) for h in root.handlers):
         h = _Stdout()
-        h.setFormatter(logging.Formatter("[t3d rank %(rank)s %(levelname)s] %(message)s"))
+        h.setFormatter(logging.Formatter("[t3d %(asctime)s rank %(rank)s %(levelname)s] %(message)s", "%H:%M:%S"))
         h.addFilter(_Rank())
         root.addHandler(h)
         root.propagate = False

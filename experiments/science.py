@@ -201,16 +201,11 @@ def score(ck: Path, shards: Path, segmentation: bool = False) -> dict:
 
 def paired_delta(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
     """AUC(b) - AUC(a) on the same test studies, with a stratified paired bootstrap 95% CI."""
-    from sklearn.metrics import roc_auc_score
-    from sklearn.utils import resample
+    from evaluators.tasks.zeroshot import auc_rows, bootstrap_indices
 
-    idx = np.arange(len(y))
-    d = roc_auc_score(y, b) - roc_auc_score(y, a)
-    boots = []
-    for i in range(n_boot):
-        r = resample(idx, replace=True, stratify=y, random_state=seed + i)
-        boots.append(roc_auc_score(y[r], b[r]) - roc_auc_score(y[r], a[r]))
-    lo, hi = np.percentile(boots, [2.5, 97.5])
+    d = auc_rows(y, b) - auc_rows(y, a)
+    r = bootstrap_indices(y, n_boot, seed)
+    lo, hi = np.percentile(auc_rows(y[r], b[r]) - auc_rows(y[r], a[r]), [2.5, 97.5])
     return float(d), float(lo), float(hi)
 
 

@@ -12,6 +12,7 @@ ACC, F1 and precision at the threshold.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -48,17 +49,46 @@ def zeroshot_probs(img_emb: torch.Tensor, prompts: torch.Tensor, logit_scale: fl
 
 def auc_with_ci(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, float, float, int]:
     """(AUC, CI low, CI high, resamples) with a stratified percentile bootstrap (95%)."""
-    from sklearn.metrics import roc_auc_score
-    from sklearn.utils import resample
-
-    auc = float(roc_auc_score(y, p))
+    auc = float(auc_rows(y, p))
     if n_boot <= 0:
         return auc, float("nan"), float("nan"), 0
-    idx = np.arange(len(y))
-    boots = [roc_auc_score(y[b], p[b]) for b in
-             (resample(idx, replace=True, stratify=y, random_state=seed + i) for i in range(n_boot))]
-    lo, hi = np.percentile(boots, [2.5, 97.5])
+    b = bootstrap_indices(y, n_boot, seed)
+    lo, hi = np.percentile(auc_rows(y[b], p[b]), [2.5, 97.5])
     return auc, float(lo), float(hi), n_boot
+
+
+def bootstrap_indices(y: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
+    """(n_boot, N) stratified resamples of the N studies, with replacement: scikit-learn's
+    ``resample`` (both classes in every resample, at their counts in ``y``), resample i seeded ``seed + i``."""
+    y = np.ascontiguousarray(y)
+    return _bootstrap_indices(y.tobytes(), y.dtype.str, len(y), n_boot, seed)
+
+
+@functools.lru_cache(maxsize=64)        # a table scores several variants on the same labels and seed
+def _bootstrap_indices(y: bytes, dtype: str, n: int, n_boot: int, seed: int) -> np.ndarray:
+    from sklearn.utils import resample
+
+    labels, idx = np.frombuffer(y, dtype=dtype), np.arange(n)
+    out = np.stack([resample(idx, replace=True, stratify=labels, random_state=seed + i) for i in range(n_boot)])
+    out.setflags(write=False)
+    return out
+
+
+def auc_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of labels ``y`` (..., N) against scores ``p`` (..., N), all rows at once:
+    the Mann-Whitney statistic from SciPy's ranks (ties averaged), which is the area scikit-learn's
+    ``roc_auc_score`` integrates (equal to it within 1e-15). Each row needs both classes.
+    (One ``roc_auc_score`` call per bootstrap resample spent 8 ms on input checks; a whole
+    bootstrap here costs less than one of them.)"""
+    from scipy.stats import rankdata
+
+    pos = np.asarray(y).astype(bool)
+    n1 = pos.sum(-1)
+    n0 = pos.shape[-1] - n1
+    if np.any(n1 == 0) or np.any(n0 == 0):
+        raise ValueError("auc_rows: a row has only one class; its AUC is undefined")
+    ranks = rankdata(np.asarray(p, dtype=np.float64), axis=-1)
+    return ((ranks * pos).sum(-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
 def max_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:

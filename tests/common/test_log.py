@@ -1,7 +1,8 @@
-"""The project's log: one format with the rank, levels, --log-level, records seen by pytest's capture."""
+"""The project's log: one format with the time and the rank, levels, --log-level, records seen by pytest's capture."""
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -23,10 +24,10 @@ def test_records_carry_the_rank_and_the_level(capsys, monkeypatch):
     logger = log.get("tests.x")
     logger.warning("disk %s", "full")
     logger.debug("hidden")
-    assert capsys.readouterr().out == f"[t3d rank {rank} WARNING] disk full\n"
+    assert re.fullmatch(rf"\[t3d \d\d:\d\d:\d\d rank {rank} WARNING\] disk full\n", capsys.readouterr().out)
     log.configure("debug")
     logger.debug("shown")
-    assert capsys.readouterr().out == f"[t3d rank {rank} DEBUG] shown\n"
+    assert re.fullmatch(rf"\[t3d \d\d:\d\d:\d\d rank {rank} DEBUG\] shown\n", capsys.readouterr().out)
 
 
 def test_level_from_the_flag_or_the_environment(capsys, monkeypatch):
