@@ -124,6 +124,23 @@ def ensure_process_group() -> None:
     dist.init_process_group(BACKEND_GPU if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
 
 
+def use_env_ninja() -> None:
+    """This interpreter's ``bin/`` first on PATH when it holds a ``ninja`` (pip's, a DeepSpeed
+    dependency). On the CPU, DeepSpeed JIT-builds its shared-memory op (``deepspeed_shm_comm``) into
+    torch's extension cache with whichever ninja PATH finds; two ninja versions (a system one and the
+    venv's) record the same build command under different hashes, so processes that alternate between
+    them (Ray workers of a `ray start` whose PATH has the venv, a `.venv/bin/python` script whose PATH
+    has not) rebuild it each time: about a minute of both cores on the 2-core machine, many times per
+    `make test`."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    here = Path(sys.executable).parent
+    if (here / "ninja").is_file() and shutil.which("ninja") != str(here / "ninja"):
+        os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 def init_engine(model: torch.nn.Module, cfg: Config, universal: bool = False):
     """Wraps ``model``; reuses the torch.distributed group that Ray Train created (or a one-process
     group outside Ray). ``universal``: see ``deepspeed_config``."""
@@ -133,6 +150,7 @@ def init_engine(model: torch.nn.Module, cfg: Config, universal: bool = False):
     if torch.cuda.is_available():
         # fixed input shapes (the canonical grid, the view size): cuDNN picks its fastest 3D convolutions once
         torch.backends.cudnn.benchmark = True
+    use_env_ninja()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")   # joins the group above
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
                                            config=deepspeed_config(cfg, universal),

@@ -221,13 +221,11 @@ def test_ray_up_submit_down(tmp_path):
     if user_conf and "PIP_CONFIG_FILE" not in pip:                 # read from $HOME, which the node lacks
         pip["PIP_CONFIG_FILE"] = str(user_conf[0])
     # and, as a site would to save time on many nodes: no .pyc compiling at install (pip's boolean is
-    # inverted: PIP_NO_COMPILE=0 is --no-compile; imports compile what they use), and the host's
-    # torch extension cache, so that DeepSpeed's CPU shm op is not JIT-built again in the fresh $HOME
+    # inverted: PIP_NO_COMPILE=0 is --no-compile; imports compile what they use). (Not the host's torch
+    # extension cache: the node's paths differ, so sharing it makes both sides rebuild DeepSpeed's op.)
     pip["PIP_NO_COMPILE"] = "0"
-    ext = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
     node_env = tmp_path / "node.env"
     node_env.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in pip.items()) + f"""\
-TORCH_EXTENSIONS_DIR={shlex.quote(ext)}
 T3D_PYTHON={getattr(sys, '_base_executable', '') or 'python3'}
 T3D_RAY_PORT={gcs}
 T3D_DASHBOARD_PORT={dash}
