@@ -11,6 +11,8 @@ GENERATOR ?= synth
 EXTERNAL ?=
 VARIANTS ?= clip,tma
 PYTEST_ARGS ?=
+# pytest-xdist workers; the slow end-to-end tests keep to one of them (tests/conftest.py)
+TEST_WORKERS ?= 2
 
 .PHONY: install test test-fast demo demo-clean science science-targets sweep-demo up down status bench clean
 
@@ -31,10 +33,10 @@ test: install
 	  || echo "warning: no sshd or rsync (apt-get install openssh-server rsync): the cluster launcher test is skipped"
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 	  || echo "warning: no Chromium (apt-get install chromium): the MLflow dashboard test (tests/evaluators/test_dashboard.py) is skipped"
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 # dist/: the project wheel + constraints.txt of this locked environment, what cluster/node.sh installs on nodes
 .PHONY: wheel

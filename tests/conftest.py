@@ -15,6 +15,24 @@ os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels run on the CPU
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: ``-n 2 --dist loadgroup``) the slow end-to-end tests run one
+    after another on one worker, in their file order, while the other tests share both workers: two
+    Ray clusters training at once on 2 cores would each wait on the other's start-up."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("slow"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """Every test session (each xdist worker) keeps the machine's cache of remote things and its
+    checkpoint staging (``T3D_CACHE_DIR``) in its own folder, not in the user's ~/.cache/t3d."""
+    if "T3D_CACHE_DIR" not in os.environ:
+        os.environ["T3D_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "t3d-cache")
+    yield
+
+
 @pytest.fixture(scope="session")
 def realdata() -> Path:
     if not REALDATA.is_dir():
