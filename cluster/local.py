@@ -362,18 +362,14 @@ def _stop_procs(procs: list) -> None:
     """SIGTERM, then SIGKILL what ignored it for 15 s (a busy agent), and wait until it is gone."""
     import psutil
 
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _, stuck = psutil.wait_procs(alive, timeout=15)
+    stuck = procs
+    for signal_them in (psutil.Process.terminate, psutil.Process.kill):
+        for p in stuck:
+            try:
+                signal_them(p)
+            except psutil.NoSuchProcess:
+                pass
+        _, stuck = psutil.wait_procs(stuck, timeout=15)
     if stuck:
         print(f"WARNING: {len(stuck)} Ray processes still there after SIGKILL: {[p.pid for p in stuck]}")
 

@@ -15,6 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels run on the CPU
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+@pytest.hookimpl(tryfirst=True)        # before xdist's own hook, which reads the group marks
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test`: ``-n 2 --dist loadgroup``) the slow end-to-end tests run one
     after another on one worker, in their file order, while the other tests share both workers: two

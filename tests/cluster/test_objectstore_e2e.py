@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,9 +53,20 @@ def _heavy_files(roots: list[Path], since: float, skip: list[Path]) -> list[str]
     return found
 
 
-def test_pretrain_on_object_storage_with_faults(tmp_path, monkeypatch, tmp_path_factory):
+@pytest.fixture
+def short_cache():
+    """The cluster's cache and TMPDIR, at a short path: Ray's dashboard binds a forkserver socket under
+    TMPDIR, and a pytest-xdist worker's tmp_path is past AF_UNIX's 107 bytes from there."""
+    d = Path(tempfile.mkdtemp(prefix="t3d-e2e-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_pretrain_on_object_storage_with_faults(tmp_path, monkeypatch, tmp_path_factory, short_cache):
     t0 = time.time()
-    cache = tmp_path / "cache"
+    cache = short_cache
     (cache / "tmp").mkdir(parents=True)
     monkeypatch.setenv("T3D_CACHE_DIR", str(cache))        # the cluster's processes inherit both
     monkeypatch.setenv("TMPDIR", str(cache / "tmp"))
