@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from common.labels import FINDINGS
 from evaluators.tasks.probe import linear_probe_auc
 from evaluators.tasks.retrieval import recall_at_k
-from evaluators.tasks.zeroshot import auc_with_ci, max_f1_threshold, score_zeroshot, zeroshot_probs
+from evaluators.tasks.zeroshot import (
+    auc_rows,
+    auc_with_ci,
+    bootstrap_indices,
+    max_f1_threshold,
+    score_zeroshot,
+    zeroshot_probs,
+)
 from tests.conftest import REPO
 
 
@@ -34,6 +41,23 @@ def test_auc_threshold_and_protocol_hand_case():
     assert table[1]["scored"] is False and set(rocs) == {"a"}
     with pytest.raises(ValueError, match="no label has both classes"):
         score_zeroshot(p2, np.stack([y, y], 1), p2, np.zeros((4, 2)), 10, findings=["a", "b"])
+
+
+def test_bootstrap_aucs_are_scikit_learns():
+    """The bootstrap's AUCs, all resamples at once, are roc_auc_score's on each resample (ties too),
+    and each resample keeps both classes at their counts."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(60) < 0.3).astype(float)
+    p = np.round(rng.random(60), 1)                           # many ties
+    b = bootstrap_indices(y, 30, seed=4)
+    assert b.shape == (30, 60) and (y[b].sum(1) == y.sum()).all()
+    want = np.array([roc_auc_score(y[r], p[r]) for r in b])
+    assert np.abs(auc_rows(y[b], p[b]) - want).max() < 1e-12
+    assert abs(auc_rows(y, p) - roc_auc_score(y, p)) < 1e-12
+    with pytest.raises(ValueError, match="only one class"):
+        auc_rows(np.zeros(5), p[:5])
 
 
 def test_zeroshot_softmax_hand_case():
