@@ -54,9 +54,17 @@ class RunNote:
 def experiment_id(client, name: str) -> str:
     """The id of experiment ``name``, created as a model-training experiment when missing (an
     existing one without a kind is marked too; a kind set by hand is kept)."""
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name, tags={KIND_TAG: KIND})
+        try:
+            return client.create_experiment(name, tags={KIND_TAG: KIND})
+        except MlflowException as e:
+            # a busy server made the client retry a create that had gone through (or another run
+            # created it meanwhile): the experiment is there now
+            if e.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := client.get_experiment_by_name(name)) is None:
+                raise
     if KIND_TAG not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
     return exp.experiment_id

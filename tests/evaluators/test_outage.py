@@ -49,7 +49,9 @@ def test_metrics_survive_an_mlflow_outage(tmp_path, phantom):
     server.start()
     try:
         client = MlflowClient(server.uri)
-        run_id = client.create_run(client.create_experiment("outage")).info.run_id
+        from trainer.dashboard import experiment_id  # get-or-create: a busy server's retry
+
+        run_id = client.create_run(experiment_id(client, "outage")).info.run_id
         tracker = Tracker(server.uri, run_id, tmp_path / "spool.jsonl")
         tracker.log({"loss/loss": 3.0}, 1)
         _until(lambda: tracker.pending() == 0)
