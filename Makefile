@@ -33,7 +33,7 @@ test: install
 	  || echo "warning: no sshd or rsync (apt-get install openssh-server rsync): the cluster launcher test is skipped"
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 	  || echo "warning: no Chromium (apt-get install chromium): the MLflow dashboard test (tests/evaluators/test_dashboard.py) is skipped"
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)

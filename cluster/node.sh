@@ -15,7 +15,8 @@
 # Site settings: ~/t3d/node.env, if present, is sourced (every variable exported). Read here: T3D_VENV,
 # T3D_PYTHON, T3D_NODE_IP (--node-ip-address; Ray itself replaces a loopback one by the machine's
 # address), T3D_RAY_PORT (GCS, default 6379), T3D_DASHBOARD_PORT (default 8265), T3D_RAY_ARGS (more
-# `ray start` flags, split on spaces). pip's own variables (PIP_INDEX_URL, ...) reach the install.
+# `ray start` flags, split on spaces), T3D_START_TRIES (default 3) and T3D_START_PAUSE (seconds
+# between tries, default 5). pip's own variables (PIP_INDEX_URL, ...) reach the install.
 set -euo pipefail
 
 die() { echo "node.sh: $*" >&2; exit 1; }
@@ -62,8 +63,18 @@ start() {
   [[ -x $VENV/bin/ray ]] || die "no ray in $VENV (run: node.sh install DIST_DIR)"
   ray stop                          # this node's Ray, if any: a second `ray up` restarts it
   ulimit -n 65536 2>/dev/null || true   # as Ray's own launcher defaults do
-  # shellcheck disable=SC2086  # T3D_RAY_ARGS is a list of flags
-  exec ray start ${T3D_NODE_IP:+--node-ip-address=$T3D_NODE_IP} ${T3D_RAY_ARGS:-} "$@"
+  # Ray 2.60 waits a fixed 30 s for the new raylet to register with the GCS (ray/_private/node.py,
+  # not configurable): a node still busy, e.g. compiling the fresh venv's modules on first import,
+  # can miss it. Then stop what that start left and try again, up to $T3D_START_TRIES times.
+  local tries=${T3D_START_TRIES:-3} i
+  for ((i = 1; ; i++)); do
+    # shellcheck disable=SC2086  # T3D_RAY_ARGS is a list of flags
+    ray start ${T3D_NODE_IP:+--node-ip-address=$T3D_NODE_IP} ${T3D_RAY_ARGS:-} "$@" && return 0
+    ((i < tries)) || die "ray start failed $i times (see its messages above)"
+    echo "node.sh: ray start failed (attempt $i of $tries); stopping what it started and retrying" >&2
+    ray stop --force || true
+    sleep "${T3D_START_PAUSE:-5}"
+  done
 }
 
 cmd=${1:-}; shift || true

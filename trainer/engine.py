@@ -124,21 +124,17 @@ def ensure_process_group() -> None:
     dist.init_process_group(BACKEND_GPU if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
 
 
-def use_env_ninja() -> None:
-    """This interpreter's ``bin/`` first on PATH when it holds a ``ninja`` (pip's, a DeepSpeed
-    dependency). On the CPU, DeepSpeed JIT-builds its shared-memory op (``deepspeed_shm_comm``) into
-    torch's extension cache with whichever ninja PATH finds; two ninja versions (a system one and the
-    venv's) record the same build command under different hashes, so processes that alternate between
-    them (Ray workers of a `ray start` whose PATH has the venv, a `.venv/bin/python` script whose PATH
-    has not) rebuild it each time: about a minute of both cores on the 2-core machine, many times per
-    `make test`."""
-    import shutil
-    import sys
-    from pathlib import Path
+def skip_cpu_shm_op() -> None:
+    """DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op (``deepspeed_shm_comm``)
+    in every process that starts its comm backend, whatever the config. Only its inference
+    all-reduce (tensor-parallel inference) uses it; ZeRO's collectives go through torch.distributed's
+    gloo group. The build is a minute of both cores on the 2-core machine in every fresh environment
+    (a new venv, a launcher node, CI), and a ninja check and a load in every process after. Marking
+    it incompatible in the op table DeepSpeed keeps for that purpose (``deepspeed.ops``; "edits to
+    it persist") leaves the comm backend to gloo, as without the op."""
+    import deepspeed.ops
 
-    here = Path(sys.executable).parent
-    if (here / "ninja").is_file() and shutil.which("ninja") != str(here / "ninja"):
-        os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def init_engine(model: torch.nn.Module, cfg: Config, universal: bool = False):
@@ -150,7 +146,8 @@ def init_engine(model: torch.nn.Module, cfg: Config, universal: bool = False):
     if torch.cuda.is_available():
         # fixed input shapes (the canonical grid, the view size): cuDNN picks its fastest 3D convolutions once
         torch.backends.cudnn.benchmark = True
-    use_env_ninja()
+    if not torch.cuda.is_available():
+        skip_cpu_shm_op()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")   # joins the group above
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
                                            config=deepspeed_config(cfg, universal),

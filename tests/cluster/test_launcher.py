@@ -99,6 +99,40 @@ def test_constraints_from_freeze():
         constraints("foo @ file:///x\n")
 
 
+def test_node_start_retries_a_failed_ray_start(tmp_path):
+    """Ray waits a fixed 30 s for a new raylet: node.sh stops what a failed `ray start` left and tries
+    again, and gives up after T3D_START_TRIES with an error saying so."""
+    home, venv = tmp_path / "home", tmp_path / "venv"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("x" * 32)
+    (venv / "bin").mkdir(parents=True)
+    calls = tmp_path / "calls"
+    fake = venv / "bin" / "ray"            # fails its first FAILS `ray start`s, records every call
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {calls}
+if [[ $1 == start ]]; then
+  n=$(grep -c '^start' {calls})
+  ((n > FAILS)) || {{ echo "The current node timed out during startup." >&2; exit 1; }}
+fi
+""")
+    fake.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "T3D_VENV": str(venv), "T3D_START_TRIES": "3", "T3D_START_PAUSE": "0"}
+
+    def start(fails: int) -> subprocess.CompletedProcess:
+        calls.write_text("")
+        return subprocess.run(["bash", str(CLUSTER / "node.sh"), "start-head", "--num-cpus=1"], text=True,
+                              capture_output=True, env={**env, "FAILS": str(fails)}, timeout=60)
+
+    r = start(2)
+    assert r.returncode == 0, r.stderr
+    lines = calls.read_text().splitlines()
+    assert [x.split()[0] for x in lines] == ["stop", "start", "stop", "start", "stop", "start"], lines
+    assert lines[2] == "stop --force" and "--head" in lines[-1] and lines[-1].endswith("--num-cpus=1")
+    assert r.stderr.count("retrying") == 2
+    r = start(3)
+    assert r.returncode == 1 and "ray start failed 3 times" in r.stderr, r.stderr
+
+
 # ------------------------------------------------------------------ ray up / job submit / ray down
 
 REAPER = "import os, time\nwhile True:\n    try: os.wait()\n    except ChildProcessError: time.sleep(0.5)"

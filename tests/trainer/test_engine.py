@@ -1,28 +1,24 @@
-"""trainer.engine's environment for DeepSpeed's JIT-built CPU op: one ninja for every process."""
+"""trainer.engine on the CPU: DeepSpeed's comm backend without its JIT-built shared-memory op."""
 from __future__ import annotations
 
-import os
-import shutil
-import sys
-from pathlib import Path
-
 import pytest
+import torch
 
-from trainer.engine import use_env_ninja
+from common.config import load_config
+from tests.conftest import REPO
 
 
-def test_the_interpreters_ninja_comes_first(monkeypatch, tmp_path):
-    here = Path(sys.executable).parent
-    if not (here / "ninja").is_file():
-        pytest.skip(f"no ninja beside {sys.executable} (pip's ninja comes with DeepSpeed)")
-    other = tmp_path / "bin"
-    other.mkdir()
-    (other / "ninja").write_text("#!/bin/sh\nexit 0\n")
-    (other / "ninja").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{other}{os.pathsep}/usr/bin{os.pathsep}/bin")   # a system ninja first
-    assert shutil.which("ninja") == str(other / "ninja")
-    use_env_ninja()
-    assert shutil.which("ninja") == str(here / "ninja")
-    before = os.environ["PATH"]
-    use_env_ninja()                                      # already first: PATH stays as it is
-    assert os.environ["PATH"] == before
+def test_cpu_engine_builds_no_shm_op():
+    if torch.cuda.is_available():
+        pytest.skip("the shared-memory op is DeepSpeed's CPU accelerator's")
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.ops
+
+    from trainer.engine import init_engine
+
+    engine = init_engine(torch.nn.Linear(4, 4), load_config(REPO / "configs/debug.yaml", []))
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None      # ZeRO's collectives: gloo
+    loss = engine(torch.ones(2, 4)).sum()
+    engine.backward(loss)
+    engine.step()

@@ -58,11 +58,18 @@ def _samples(run_dir: Path) -> dict[int, list[str]]:
     return merged
 
 
-def test_zero_stage_1_trains_and_exports(ray_local, phantom, tmp_path):
+def test_zero_stage_1_trains_exports_and_survives_a_crashing_evaluator(ray_local, phantom, tmp_path):
     """ZeRO-1 here; ZeRO-2 and ZeRO-3 are trained, exported and scored by the elastic-resume tests
-    (``check_export``, on their last run)."""
-    run_dir = _fit(_cfg(phantom, tmp_path, "z1", **{"deepspeed.zero_stage": 1, "train.steps": 2}))
-    check_export(run_dir / "step_0000002", phantom, stage=1, step=2, samples=2 * 2 * 2)
+    (``check_export``, on their last run). One run for two things (each run costs about a minute of
+    Ray start-up here): the evaluator actor dies mid-scoring (once), Ray restarts it, it finishes
+    every checkpoint, and the training job ends normally with all its steps and checkpoints."""
+    run_dir = _fit(_cfg(phantom, tmp_path, "z1", **{"deepspeed.zero_stage": 1, "eval.enabled": "true",
+                                                    "eval.tasks": "[retrieval]", "eval.poll_seconds": 1,
+                                                    "eval.watcher": "tests.faults:CrashingEvalThread"}))
+    assert (run_dir / "eval_crashed_once").is_file(), "the evaluator did not crash"
+    ledger = [json.loads(x) for x in (run_dir / "eval_ledger.jsonl").read_text().splitlines()]
+    assert sorted((r["checkpoint"], r["error"]) for r in ledger) == [("step_0000002", None), ("step_0000004", None)]
+    check_export(run_dir / "step_0000004", phantom, stage=1, step=4, samples=4 * 2 * 2)
 
 
 def check_export(ck: Path, phantom, stage: int, step: int, samples: int) -> None:
@@ -132,20 +139,6 @@ def test_resume_after_killed_worker_matches_uninterrupted(ray_local, phantom, tm
     assert sorted(_samples(again)) == [2, 3, 4, 5]            # resumed at step 2 (micro-step 2), not 4
     st = json.loads((again / "step_0000006/state.json").read_text())
     assert st["step"] == 6 and st["micro"] == 6
-
-
-def test_crashing_evaluator_leaves_training_alone(ray_local, phantom, tmp_path):
-    """The evaluator actor dies mid-scoring (once): Ray restarts it, it finishes every checkpoint,
-    and the training job ends normally with all its steps and checkpoints."""
-    run_dir = _fit(_cfg(phantom, tmp_path, "evalcrash", **{"eval.enabled": "true", "eval.tasks": "[retrieval]",
-                                                           "eval.poll_seconds": 1,
-                                                           "eval.watcher": "tests.faults:CrashingEvalThread"}))
-    assert (run_dir / "eval_crashed_once").is_file(), "the evaluator did not crash"
-    st = json.loads((run_dir / "step_0000004/state.json").read_text())
-    assert st["step"] == 4
-    ledger = [json.loads(x) for x in (run_dir / "eval_ledger.jsonl").read_text().splitlines()]
-    assert sorted((r["checkpoint"], r["error"]) for r in ledger) == [("step_0000002", None), ("step_0000004", None)]
-
 
 
 @pytest.mark.parametrize("stage,worlds", [(2, (2, 1, 2)), (3, (1, 2, 1))])
