@@ -298,7 +298,10 @@ def _key(uri: str) -> str:
 
 def local_dir(path: str | Path) -> Path:
     """A local folder with the content of ``path``: itself when local, else a copy in the cache,
-    made once per URI (a folder that is written once, as a tokenizer or an export is)."""
+    made once per URI (a folder that is written once, as a tokenizer or an export is). Safe across
+    processes (the ranks of a node fetch the same tokenizer at once): each downloads into a folder
+    of its own and renames it into place; one that finds a complete copy already there discards its
+    own, so a copy another process is reading is never removed."""
     s = normalize(path)
     if not is_remote(s):
         return Path(s)
@@ -309,9 +312,14 @@ def local_dir(path: str | Path) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=_mk(dest.parent)))
         download_dir(s, tmp)
         (tmp / ".complete").write_text(s)
-        if dest.exists():
-            shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)                 # onto nothing (or an empty folder): atomic
+        except OSError:                           # a non-empty folder is there
+            if (dest / ".complete").is_file():    # another process's complete copy: use it
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:                                 # what an interrupted older copy left
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(tmp, dest)
     return dest
 
 

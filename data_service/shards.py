@@ -56,18 +56,20 @@ def decode_array(data: bytes, codec: str, shape, dtype, out: np.ndarray | None =
     array of its own)."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape)) * dtype.itemsize
-    if out is not None:
-        if out.dtype != dtype or tuple(out.shape) != tuple(shape) or not out.flags.c_contiguous:
-            raise ValueError(f"out: expected a C-contiguous {dtype} array of shape {tuple(shape)}, "
-                             f"got {out.dtype} {tuple(out.shape)}")
-        if codec in ("blosc2-lz4", "blosc2-zstd"):
-            import blosc2
+    if out is not None and (out.dtype != dtype or tuple(out.shape) != tuple(shape) or not out.flags.c_contiguous):
+        raise ValueError(f"out: expected a C-contiguous {dtype} array of shape {tuple(shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    if codec in ("blosc2-lz4", "blosc2-zstd"):
+        import blosc2
 
-            size = blosc2.get_cbuffer_sizes(bytes(data))[0]
-            if size != n:                            # a header claiming another size is not read
-                raise ValueError(f"blosc2 chunk holds {size} bytes, {n} expected")
-            blosc2.decompress2(bytes(data), dst=out)
-            return out
+        buf = bytes(data)
+        size = blosc2.get_cbuffer_sizes(buf)[0]
+        if size != n:                                # a header claiming another size is not read
+            raise ValueError(f"blosc2 chunk holds {size} bytes, {n} expected")
+        dst = np.empty(tuple(shape), dtype) if out is None else out
+        blosc2.decompress2(buf, dst=dst)
+        return dst
+    if out is not None:
         out[...] = decode_array(data, codec, shape, dtype)
         return out
     if codec == "npz":
@@ -83,16 +85,6 @@ def decode_array(data: bytes, codec: str, shape, dtype, out: np.ndarray | None =
         if len(raw) != n:
             raise ValueError(f"{len(raw)} bytes decoded, {n} expected")
         out = np.frombuffer(raw, dtype) if codec == "zstd" else _unshuffle(raw, dtype)
-    elif codec in ("blosc2-lz4", "blosc2-zstd"):
-        import blosc2
-
-        size = blosc2.get_cbuffer_sizes(bytes(data))[0]
-        if size != n:                                # a header claiming another size is not read
-            raise ValueError(f"blosc2 chunk holds {size} bytes, {n} expected")
-        raw = blosc2.decompress2(bytes(data))
-        if len(raw) != n:
-            raise ValueError(f"{len(raw)} bytes decoded, {n} expected")
-        out = np.frombuffer(raw, dtype)
     else:
         raise ValueError(f"codec {codec!r} is not one of {list(CODECS)}")
     return out.reshape(tuple(shape)) if out.size == int(np.prod(shape)) else _shape_error(out, shape)

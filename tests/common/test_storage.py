@@ -65,6 +65,32 @@ def test_file_cache_is_bounded(s3, tmp_path):
     assert sum(p.stat().st_size for p in kept) <= 2**20 and len(kept) == 2
 
 
+def test_local_dir_fetched_by_two_processes_at_once(s3, monkeypatch):
+    """Two ranks materialise the same remote tokenizer at once: the one that finishes second keeps
+    the first one's copy (which that rank is already reading) and drops its own (the e2e run once
+    lost a training attempt to a rank whose tokenizer folder the other rank had just replaced)."""
+    src = s3.uri("unit", "tok")
+    storage.write_text(storage.join(src, "vocab.txt"), "a\nb\n")
+    real, seen = storage.download_dir, {}
+
+    def racing(uri, tmp):                 # while this process downloads, another one finishes first
+        real(uri, tmp)
+        if not seen:
+            seen["racing"] = True                # the other process's own download is a plain one
+            seen["other"] = storage.local_dir(uri)
+            seen["inode"] = (seen["other"] / "vocab.txt").stat().st_ino
+
+    monkeypatch.setattr(storage, "download_dir", racing)
+    got = storage.local_dir(src)
+    assert got == seen["other"] and (got / "vocab.txt").read_text() == "a\nb\n"
+    assert (got / "vocab.txt").stat().st_ino == seen["inode"]           # the other's copy, not replaced
+    assert sorted(p.name for p in got.parent.iterdir()) == [got.name]   # and ours is gone
+    # an interrupted older copy (no .complete) is replaced
+    (got / ".complete").unlink()
+    monkeypatch.setattr(storage, "download_dir", real)
+    assert (storage.local_dir(src) / ".complete").is_file()
+
+
 @pytest.mark.parametrize("fault", ["missing bucket", "wrong key", "unreachable endpoint"])
 def test_bad_storage_fails_before_training_naming_the_uri(s3, phantom, monkeypatch, fault):
     """`trainer.pretrain` stops before Ray starts, with the URI and the reason in the message."""
