@@ -80,7 +80,7 @@ def mlflow_uri(tmp_path_factory):
     proc = start_mlflow(tmp_path_factory.mktemp("mlflow"), port)
     uri = f"http://{HOST}:{port}"
     try:
-        _wait(uri + "/health", 120, "MLflow server")
+        _wait(uri + "/health", 300, "MLflow server")
         yield uri
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -24,7 +24,7 @@ class Server:
         from cluster.local import _wait, start_mlflow
 
         self.proc = start_mlflow(self.root, self.port)
-        _wait(self.uri + "/health", 120, "MLflow server")
+        _wait(self.uri + "/health", 300, "MLflow server")   # a loaded 2-core machine: minutes
 
     def stop(self):
         os.killpg(self.proc.pid, signal.SIGTERM)
