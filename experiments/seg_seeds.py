@@ -1,8 +1,8 @@
-"""Segmentation, pretrained against random init, over fine-tuning seeds (issue #30 item 4): a copy of
-evaluators.tasks.segmentation.finetune with an encoder-lr multiplier and a frozen-encoder mode, on 200
+"""Segmentation, pretrained against random init, over fine-tuning seeds (issue #30 item 4):
+evaluators.tasks.segmentation.finetune (with its encoder-lr multiplier or a frozen encoder) on 200
 train and 80 test volumes, 3 seeds per variant. Investigation script, not a library path.
 
-    python experiments/seg_seeds.py CHECKPOINT SHARDS base30,mult0.1,frozen,base100
+    python experiments/seg_seeds.py CHECKPOINT SHARDS base30,mult0.1,frozen,base100 [SEEDS, default 0,1,2]
 """
 import copy
 import json
@@ -11,17 +11,17 @@ import time
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
 
 from data_service.preprocess import to_model_input
 from evaluators.tasks import features
-from evaluators.tasks.segmentation import ResNetUNet, dice_per_class
+from evaluators.tasks.segmentation import finetune
 from trainer.export import load_export
 from trainer.model.image import ImageEncoder
 
 torch.set_num_threads(2)
 ck, shards = sys.argv[1], sys.argv[2]
 variants = sys.argv[3].split(",")
+SEEDS = [int(x) for x in sys.argv[4].split(",")] if len(sys.argv) > 4 else [0, 1, 2]
 model, tok, cfg, info = load_export(ck)
 tr = features.load_volumes(shards, "train", masks=True)
 te = features.load_volumes(shards, "test", masks=True)
@@ -32,29 +32,10 @@ prep = lambda hu: to_model_input(hu, cfg.data)
 ncls = len(cfg.eval.seg_classes)
 
 def ft(enc, steps, seed, lr=1e-3, mult=1.0, freeze=False):
-    torch.manual_seed(seed)
-    m = ResNetUNet(enc, ncls)
-    encp = {id(p) for p in m.net.parameters()}
-    groups = [{"params": [p for p in m.parameters() if id(p) not in encp], "lr": lr}]
-    if not freeze:
-        groups.append({"params": [p for p in m.net.parameters()], "lr": lr * mult})
-    else:
-        for p in m.net.parameters():
-            p.requires_grad_(False)
-    opt = torch.optim.AdamW(groups, weight_decay=1e-4)
-    lf = DiceCELoss(to_onehot_y=True, softmax=True)
-    g = torch.Generator().manual_seed(seed)
-    m.train(); losses = []
-    for _ in range(steps):
-        idx = torch.randperm(len(tr["hu"]), generator=g)[:2]
-        loss = lf(m(prep(tr["hu"][idx])), tr["y"][idx].long())
-        opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
-    m.eval(); preds = []
-    with torch.no_grad():
-        for i in range(len(te["hu"])):
-            preds.append(m(prep(te["hu"][i:i + 1])).argmax(1)[0])
-    d = dice_per_class(preds, [y[0].long() for y in te["y"]], ncls)
-    return float(np.nanmean(d)), [round(float(x), 3) for x in d], float(np.mean(losses[-5:]))
+    d, loss = finetune(enc, tr["hu"], tr["y"], te["hu"], te["y"], ncls, steps, seed=seed, lr=lr, prep=prep,
+                       encoder_lr_mult=mult, freeze_encoder=freeze)
+    return float(np.nanmean(d)), [round(float(x), 3) for x in d], loss
+
 
 def encoders(seed):
     torch.manual_seed(seed + 1)
@@ -79,7 +60,7 @@ SPEC = {"base30": dict(steps=30), "base100": dict(steps=100), "mult0.1": dict(st
         "frozen100": dict(steps=100, freeze=True)}
 out = {}
 for v in variants:
-    for seed in (0, 1, 2):
+    for seed in SEEDS:
         for name, e in encoders(seed).items():
             t = time.time()
             r = ft(e, seed=seed, **SPEC[v])

@@ -146,7 +146,7 @@ def init_engine(model: torch.nn.Module, cfg: Config, universal: bool = False):
     if torch.cuda.is_available():
         # fixed input shapes (the canonical grid, the view size): cuDNN picks its fastest 3D convolutions once
         torch.backends.cudnn.benchmark = True
-    if not torch.cuda.is_available():
+    else:
         skip_cpu_shm_op()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")   # joins the group above
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),

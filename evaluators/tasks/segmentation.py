@@ -76,11 +76,13 @@ def check_masks(masks: Sequence[torch.Tensor], keys: Sequence[str], n_classes: i
 def finetune(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
              test_y: torch.Tensor, n_classes: int, steps: int, seed: int = 0, lr: float = 1e-3,
              batch: int = 2, roi: Sequence[int] = (), prep: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             device: str | torch.device = "cpu") -> tuple[np.ndarray, float]:
+             device: str | torch.device = "cpu", encoder_lr_mult: float = 1.0,
+             freeze_encoder: bool = False) -> tuple[np.ndarray, float]:
     """x (N,1,D,H,W), y (N,1,D,H,W) integer labels, kept on the CPU; ``prep`` turns a batch of x
     into network input (e.g. int16 HU -> normalized float) on ``device``. Returns (Dice per class
     on test, NaN where the class is absent from every test mask; mean loss of the last 5 steps).
-    ``roi``: train on random crops of this size and infer with a sliding window ([]: whole volumes)."""
+    ``roi``: train on random crops of this size and infer with a sliding window ([]: whole volumes).
+    ``encoder_lr_mult`` scales the encoder's lr; ``freeze_encoder`` trains the decoder alone."""
     from monai.inferers import sliding_window_inference
     from monai.losses import DiceCELoss
 
@@ -90,7 +92,15 @@ def finetune(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, t
     torch.manual_seed(seed)                                      # same decoder init for every encoder
     model = ResNetUNet(encoder, n_classes).to(device)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    enc = list(model.net.parameters())
+    ids = {id(p) for p in enc}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr": lr}]
+    if freeze_encoder:
+        for p in enc:
+            p.requires_grad_(False)
+    else:
+        groups.append({"params": enc, "lr": lr * encoder_lr_mult})
+    opt = torch.optim.AdamW(groups, weight_decay=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     losses = []
     model.train()
